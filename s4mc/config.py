@@ -1,0 +1,530 @@
+"""One YAML file drives a run: loading, defaults, validation, aliases and overrides.
+
+`load_config(path, overrides)` returns a plain nested dict in which every key of
+`SCHEMA` exists, every value has been type-checked, the release's (U2PL/S4MC)
+key names have been mapped to ours, and every path is absolute.
+
+Relative paths resolve against the repository root (the folder holding
+`train_semi.py`), after `~` and environment variables are expanded. A config
+written for the original release keeps its paths relative to its own folder:
+set `path_base: config`, which is also the default for a file that uses any of
+the release's key names.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from s4mc.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the schema: its default, the accepted types and values."""
+
+    default: Any
+    types: tuple = ()
+    choices: tuple | None = None
+    path: bool = False  # resolve relative to the path base
+
+
+def _k(default, *types, choices=None, path=False):
+    if not types:
+        types = (type(default),)
+    return Key(default, types, tuple(choices) if choices else None, path)
+
+
+NUM = (int, float)
+NONE = type(None)
+LIST = (list,)
+
+# Blocks whose absence means "off" (the release switches them on by presence).
+OPTIONAL_BLOCKS = {("trainer", "contrastive"), ("net", "aux_loss")}
+
+SCHEMA: dict = {
+    "seed": _k(0, int),
+    "output_dir": _k("runs", str, path=True),
+    "path_base": _k("auto", str, choices=("auto", "repo", "config")),
+    "dataset": {
+        "type": _k(REQUIRED, str, choices=("pascal", "cityscapes", "custom", "toy")),
+        "ignore_index": _k(255, int),
+        "mean": _k([123.675, 116.28, 103.53], list),
+        "std": _k([58.395, 57.12, 57.375], list),
+        "batch_size": _k(4, int),
+        "n_sup": _k(None, int, NONE),
+        "workers": _k(2, int),
+        "class_names": _k(None, list, NONE),
+        "palette": _k(None, list, NONE),
+        "image_dir": _k(None, str, NONE),
+        "mask_dir": _k(None, str, NONE),
+        "image_suffix": _k(".jpg", str),
+        "mask_suffix": _k(".png", str),
+        "train": {
+            "data_root": _k(REQUIRED, str, path=True),
+            "data_list": _k(REQUIRED, str, path=True),
+            "unlabeled_list": _k(None, str, NONE, path=True),
+            "flip": _k(True, bool),
+            "rand_resize": _k([0.5, 2.0], list, NONE),
+            "crop": {
+                "type": _k("rand", str, choices=("rand", "center", "none")),
+                "size": _k([513, 513], list),
+                "pad_label": _k(255, int),
+            },
+            "strong_aug": {
+                "color_jitter": _k([0.5, 0.5, 0.5, 0.25], list),
+                "jitter_prob": _k(0.8, *NUM),
+                "grayscale_prob": _k(0.2, *NUM),
+                "blur_prob": _k(0.5, *NUM),
+                "blur_sigma": _k([0.1, 2.0], list),
+            },
+        },
+        "val": {
+            "data_root": _k(REQUIRED, str, path=True),
+            "data_list": _k(REQUIRED, str, path=True),
+            "crop": {
+                "type": _k("center", str, choices=("center", "none")),
+                "size": _k([513, 513], list),
+                "pad_label": _k(255, int),
+            },
+        },
+    },
+    "trainer": {
+        "epochs": _k(REQUIRED, int),
+        "sup_only_epoch": _k(1, int),
+        "eval_on": _k(True, bool),
+        "eval_every": _k(1, int),
+        "log_every": _k(20, int),
+        "save_every": _k(0, int),
+        "max_iters": _k(None, int, NONE),
+        "mode": _k("semi", str, choices=("semi", "sup")),
+        "amp": _k("auto", str, choices=("auto", "bf16", "fp16", "off")),
+        "channels_last": _k("auto", str, bool, choices=("auto", True, False)),
+        "compile": _k(False, bool),
+        "cudnn_benchmark": _k(True, bool),
+        "deterministic": _k(False, bool),
+        "lr_scaling": _k("none", str, choices=("none", "linear")),
+        "reference_batch": _k(16, int),
+        "head_lr_mult": _k(None, *NUM, NONE),
+        "optimizer": {
+            "type": _k("SGD", str, choices=("SGD",)),
+            "kwargs": {
+                "lr": _k(0.001, *NUM),
+                "momentum": _k(0.9, *NUM),
+                "weight_decay": _k(0.0001, *NUM),
+                "nesterov": _k(False, bool),
+            },
+            "fused": _k("auto", str, bool, choices=("auto", True, False)),
+        },
+        "lr_scheduler": {
+            "mode": _k("poly", str, choices=("poly",)),
+            "kwargs": {"power": _k(0.9, *NUM)},
+        },
+        "unsupervised": {
+            "keep_percent": _k(60.0, *NUM),
+            "keep_schedule": _k("epoch", str, choices=("epoch", "iteration")),
+            "mixing": _k("cutmix", str, choices=("cutmix", "classmix", "cutout", "none")),
+            "mix_prob": _k(0.5, *NUM),
+            "refine": _k(True, bool),
+            "neighborhood_size": _k(4, int, choices=(4, 8)),
+            "num_neighbors": _k(1, int),
+            "indicator": _k("margin", str, choices=("margin", "confidence", "entropy")),
+            "neighbor_prior": _k("auto", str, list, NONE),
+            "unsup_weight": _k(1.0, *NUM),
+            "strong_aug": _k(False, bool),
+        },
+        "contrastive": {
+            "loss_weight": _k(1.0, *NUM),
+            "negative_high_entropy": _k(True, bool),
+            "low_rank": _k(3, int),
+            "high_rank": _k(20, int),
+            "current_class_threshold": _k(0.3, *NUM),
+            "current_class_negative_threshold": _k(1.0, *NUM),
+            "unsupervised_entropy_ignore": _k(80.0, *NUM),
+            "low_entropy_threshold": _k(20.0, *NUM),
+            "num_negatives": _k(50, int),
+            "num_queries": _k(256, int),
+            "temperature": _k(0.5, *NUM),
+            "memory_size": _k(30000, int),
+        },
+    },
+    "criterion": {
+        "type": _k("CELoss", str, choices=("CELoss", "ohem")),
+        "kwargs": {
+            "use_weight": _k(False, bool),
+            "thresh": _k(0.7, *NUM),
+            "min_kept": _k(100000, int),
+        },
+    },
+    "net": {
+        "num_classes": _k(REQUIRED, int),
+        "sync_bn": _k(True, bool),
+        "ema_decay": _k(0.99, *NUM),
+        "encoder": {
+            "type": _k("resnet101", str),
+            "stem": _k("deep", str, choices=("deep", "torchvision")),
+            "pretrained": _k(None, str, NONE),
+            "kwargs": {
+                "multi_grid": _k(True, bool),
+                "zero_init_residual": _k(True, bool),
+                "fpn": _k(True, bool),
+                "replace_stride_with_dilation": _k([False, True, True], list),
+                "width": _k(64, int),
+            },
+        },
+        "decoder": {
+            "type": _k("deeplabv3_plus", str),
+            "kwargs": {
+                "inner_planes": _k(256, int),
+                "dilations": _k([12, 24, 36], list),
+                "low_conv_planes": _k(256, int),
+                "rep_head": _k(True, bool),
+            },
+        },
+        "aux_loss": {
+            "aux_plane": _k(1024, int),
+            "loss_weight": _k(0.4, *NUM),
+        },
+    },
+    "saver": {
+        "checkpoint_dir": _k("checkpoints", str),
+        "pretrain": _k("", str),
+        "auto_resume": _k(False, bool),
+    },
+    "mode": {"eval": _k(False, bool), "compare": _k(False, bool)},
+    "evaluation": {
+        "mode": _k("whole", str, choices=("whole", "center_crop", "sliding")),
+        "scales": _k([1.0], list),
+        "flip": _k(False, bool),
+        "stride_rate": _k(2 / 3, *NUM),
+        "crop_size": _k(None, list, int, NONE),
+        "refine": _k(False, bool),
+        "batch_size": _k(1, int),
+    },
+}
+
+# The release's names (and a few of U2PL's) -> ours, by dotted path.
+ALIASES: dict[str, str] = {
+    "trainer.unsupervised.neigborhood_size": "trainer.unsupervised.neighborhood_size",
+    "trainer.unsupervised.n_neigbors": "trainer.unsupervised.num_neighbors",
+    "trainer.unsupervised.drop_percent": "trainer.unsupervised.keep_percent",
+    "trainer.unsupervised.apply_aug": "trainer.unsupervised.mixing",
+    "main_mode": "mode",
+    "saver.snapshot_dir": "saver.checkpoint_dir",
+    "dataset.ignore_label": "dataset.ignore_index",
+}
+# Values the release wrote that mean one of ours.
+VALUE_ALIASES: dict[str, dict] = {
+    "dataset.type": {"pascal_semi": "pascal", "cityscapes_semi": "cityscapes"},
+    "trainer.unsupervised.mixing": {"": "none", None: "none"},
+}
+# Release keys that we accept and ignore, because they had no effect or are
+# implied elsewhere (saying so is better than a silent drop).
+IGNORED_KEYS = {
+    "dataset.train.scale": "no effect in the release either",
+    "dataset.val.scale": "no effect in the release either",
+    "dataset.train.GaussianBlur": "use dataset.train.strong_aug",
+    "trainer.unsupervised.TTA": "test-time augmentation is evaluation.flip / evaluation.scales",
+    "trainer.unsupervised.use_teacher": "the teacher is always used",
+    "net.encoder.kwargs.norm_layer": "BatchNorm/SyncBatchNorm follows net.sync_bn",
+    "net.decoder.kwargs.num_classes": "taken from net.num_classes",
+    "net.decoder.kwargs.in_planes": "taken from the encoder",
+    "net.aux_loss.use_auxloss": "presence of net.aux_loss switches the aux head on",
+}
+
+
+def _flatten_keys(schema: dict, prefix: str = "") -> list[str]:
+    out = []
+    for name, sub in schema.items():
+        dotted = f"{prefix}{name}"
+        out.append(dotted)
+        if isinstance(sub, dict):
+            out.extend(_flatten_keys(sub, dotted + "."))
+    return out
+
+
+ALL_KEYS = _flatten_keys(SCHEMA)
+
+
+def _suggest(dotted: str) -> str:
+    candidates = ALL_KEYS + list(ALIASES)
+    parent = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
+    siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent):]]
+    close = difflib.get_close_matches(dotted, siblings or candidates, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+    return f"; did you mean '{ALIASES.get(close[0], close[0])}'?" if close else ""
+
+
+def _schema_at(dotted: str):
+    node: Any = SCHEMA
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _canonical(dotted: str) -> str:
+    """Map a dotted key through ALIASES, also where an alias is a prefix."""
+    for old, new in ALIASES.items():
+        if dotted == old or dotted.startswith(old + "."):
+            return new + dotted[len(old):]
+    return dotted
+
+
+def _rename_aliases(raw: dict, where: str, prefix: str = "") -> tuple[dict, bool]:
+    """Return a copy of `raw` with the release's key names replaced by ours."""
+    out: dict = {}
+    used_alias = False
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: key {key!r} under '{prefix or '<top>'}' is not a string")
+        dotted = _canonical(prefix + key)
+        used_alias |= dotted != prefix + key
+        name = dotted.rsplit(".", 1)[-1]
+        if isinstance(value, dict):
+            value, sub_alias = _rename_aliases(value, where, dotted + ".")
+            used_alias |= sub_alias
+        if name in out:
+            raise ConfigError(f"{where}: '{dotted}' is given twice (once under its old name)")
+        out[name] = value
+    return out, used_alias
+
+
+def _merge(schema: dict, raw: dict, where: str, prefix: str = "") -> dict:
+    """Defaults from `schema`, overridden by `raw`; unknown keys are errors."""
+    result: dict = {}
+    for key, value in raw.items():
+        dotted = prefix + key
+        if key not in schema:
+            if dotted in IGNORED_KEYS:
+                continue
+            raise ConfigError(f"{where}: unknown key '{dotted}'{_suggest(dotted)}")
+    for key, sub in schema.items():
+        dotted = prefix + key
+        present = key in raw
+        if isinstance(sub, dict):
+            value = raw.get(key)
+            optional = tuple(dotted.split(".")) in OPTIONAL_BLOCKS
+            if optional and (not present or value is None or value is False):
+                result[key] = None
+                continue
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{dotted}' must be a mapping of keys, got {value!r}")
+            result[key] = _merge(sub, value, where, dotted + ".")
+            continue
+        if not present:
+            if sub.default is REQUIRED:
+                raise ConfigError(f"{where}: required key '{dotted}' is missing")
+            result[key] = copy.deepcopy(sub.default)
+            continue
+        result[key] = _check_value(sub, raw[key], dotted, where)
+    return result
+
+
+def _type_name(types: tuple) -> str:
+    return " or ".join("null" if t is NONE else t.__name__ for t in types)
+
+
+def _check_value(spec: Key, value, dotted: str, where: str):
+    value = VALUE_ALIASES.get(dotted, {}).get(value, value) if _hashable(value) else value
+    ok = any(
+        (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t not in (int, float) and isinstance(value, t))
+        for t in spec.types
+    )
+    if not ok:
+        raise ConfigError(
+            f"{where}: '{dotted}' must be {_type_name(spec.types)}, got {value!r} ({type(value).__name__})"
+        )
+    if float in spec.types and type(value) is int:
+        value = float(value)
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError(
+            f"{where}: '{dotted}' = {value!r} is not one of {list(spec.choices)}"
+            + _close_choice(value, spec.choices)
+        )
+    return value
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _close_choice(value, choices) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b.c=value`, parsing the value as YAML (so 3 is int, [1, 2] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def _apply_override(raw: dict, key: str, value, where: str) -> None:
+    dotted = _canonical(key)
+    if _schema_at(dotted) is None and dotted not in IGNORED_KEYS:
+        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(dotted)}")
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _resolve_paths(cfg: dict, schema: dict, base: Path) -> None:
+    for key, sub in schema.items():
+        if cfg.get(key) is None:
+            continue
+        if isinstance(sub, dict):
+            _resolve_paths(cfg[key], sub, base)
+        elif sub.path and isinstance(cfg[key], str) and cfg[key]:
+            cfg[key] = resolve_path(cfg[key], base)
+
+
+def resolve_path(text: str, base: Path | str = REPO_ROOT) -> str:
+    """Expand `~` and `$VARS`, then make a relative path absolute against `base`."""
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    path = Path(expanded)
+    if not path.is_absolute():
+        path = Path(base) / path
+    return str(path.resolve())
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, data: dict | None = None) -> dict:
+    """Load, alias, override, validate and resolve one config.
+
+    `path` is a YAML file (or None when `data` is given directly, as tests do).
+    `overrides` are `a.b.c=value` strings, applied after aliasing and before
+    validation, so an override may also use a release key name.
+    """
+    where = str(path) if path is not None else "<config>"
+    raw = read_yaml(path) if data is None else copy.deepcopy(data)
+    raw, used_alias = _rename_aliases(raw, where)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _apply_override(raw, key, value, f"{where} (override '{item}')")
+    cfg = _merge(SCHEMA, raw, where)
+    _check_semantics(cfg, where)
+
+    base_choice = cfg["path_base"]
+    if base_choice == "auto":
+        base_choice = "config" if used_alias and path is not None else "repo"
+    base = Path(path).resolve().parent if base_choice == "config" and path is not None else REPO_ROOT
+    cfg["path_base"] = base_choice
+    _resolve_paths(cfg, SCHEMA, base)
+    if not cfg["dataset"]["train"]["unlabeled_list"]:
+        labeled = cfg["dataset"]["train"]["data_list"]
+        if os.path.basename(labeled) == "labeled.txt":
+            cfg["dataset"]["train"]["unlabeled_list"] = os.path.join(os.path.dirname(labeled), "unlabeled.txt")
+    pretrained = cfg["net"]["encoder"]["pretrained"]
+    if pretrained and pretrained != "torchvision":
+        cfg["net"]["encoder"]["pretrained"] = resolve_path(pretrained, base)
+    if cfg["saver"]["pretrain"]:
+        cfg["saver"]["pretrain"] = resolve_path(cfg["saver"]["pretrain"], base)
+    cfg["config_file"] = str(Path(path).resolve()) if path is not None else None
+    return cfg
+
+
+def _check_semantics(cfg: dict, where: str) -> None:
+    """Checks that span keys or bound numbers; each names the key."""
+
+    def fail(key, msg):
+        raise ConfigError(f"{where}: '{key}' {msg}")
+
+    ds, tr, net = cfg["dataset"], cfg["trainer"], cfg["net"]
+    if net["num_classes"] < 2:
+        fail("net.num_classes", f"must be at least 2, got {net['num_classes']}")
+    if ds["batch_size"] < 1:
+        fail("dataset.batch_size", f"must be at least 1, got {ds['batch_size']}")
+    if tr["epochs"] < 1:
+        fail("trainer.epochs", f"must be at least 1, got {tr['epochs']}")
+    if not 0 <= tr["sup_only_epoch"] <= tr["epochs"]:
+        fail("trainer.sup_only_epoch", f"must lie in [0, trainer.epochs], got {tr['sup_only_epoch']}")
+    unsup = tr["unsupervised"]
+    if not 0 <= unsup["keep_percent"] <= 100:
+        fail("trainer.unsupervised.keep_percent", f"must lie in [0, 100], got {unsup['keep_percent']}")
+    if not 0 <= unsup["mix_prob"] <= 1:
+        fail("trainer.unsupervised.mix_prob", f"must lie in [0, 1], got {unsup['mix_prob']}")
+    max_k = unsup["neighborhood_size"]
+    if not 1 <= unsup["num_neighbors"] <= max_k:
+        fail("trainer.unsupervised.num_neighbors", f"must lie in [1, {max_k}], got {unsup['num_neighbors']}")
+    for key in ("mean", "std"):
+        if len(ds[key]) != 3:
+            fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")
+    for split in ("train", "val"):
+        size = ds[split]["crop"]["size"]
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            fail(f"dataset.{split}.crop.size", f"must be [height, width] of positive ints, got {size}")
+    names = ds["class_names"]
+    if names is not None and len(names) != net["num_classes"]:
+        fail("dataset.class_names", f"has {len(names)} names but net.num_classes is {net['num_classes']}")
+    if ds["type"] == "custom" and names is None:
+        fail("dataset.class_names", "is required for a custom dataset")
+    if 0 <= ds["ignore_index"] < net["num_classes"]:
+        fail("dataset.ignore_index", f"= {ds['ignore_index']} collides with a class id (< {net['num_classes']})")
+    if tr["optimizer"]["kwargs"]["lr"] <= 0:
+        fail("trainer.optimizer.kwargs.lr", "must be positive")
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the fully resolved config, so a run directory records what ran."""
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(cfg, handle, sort_keys=False)
+
+
+def get(cfg: dict, dotted: str):
+    """`get(cfg, "trainer.unsupervised.keep_percent")`; KeyError names the key."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"config has no key '{dotted}'")
+        node = node[part]
+    return node
