@@ -1,0 +1,211 @@
+"""The S4MC idea as pure tensor functions (SPEC.md, steps 5-8).
+
+- step 5 (DPA): `keep_percent_at` gives the keep-percent kappa, `indicator_map` the
+  per-pixel confidence indicator and `threshold` the percentile gamma over valid pixels;
+- step 6 (PLR): `refine` folds the k largest neighbour probabilities into each pixel;
+- steps 7-8: `pseudo_label_target` drops the unreliable pixels and `pseudo_label_loss`
+  adds U2PL's scaled cross-entropy on top.
+
+Nothing here copies a map to the host or calls `.item()`: on CUDA every statistic stays
+a 0-dim device tensor, so a training step never waits on the GPU for bookkeeping.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+INDICATORS = ("margin", "confidence", "entropy")
+BETA = math.exp(-0.5)
+_NEIGHBOUR_OFFSETS = {
+    4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
+    8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)),
+}
+
+
+def keep_percent_at(epoch, epochs, start=60.0, *, iteration=None, iters_per_epoch=None):
+    """Keep-percent kappa = 100 - (100 - kappa0)(1 - epoch/epochs) of SPEC step 5.
+
+    The release steps it once per epoch (`epoch` counts from 0); give `iteration` and
+    `iters_per_epoch` to move it smoothly within the epoch instead.
+    """
+    if epochs <= 0:
+        raise ConfigError(f"epochs must be positive for the keep-percent schedule, got {epochs!r}")
+    if not 0.0 <= start <= 100.0:
+        raise ConfigError(f"keep_percent must lie in [0, 100], got {start!r}")
+    progress = float(epoch)
+    if iteration is not None:
+        if not iters_per_epoch or iters_per_epoch <= 0:
+            raise ConfigError(f"iters_per_epoch must be positive with iteration=, got {iters_per_epoch!r}")
+        progress += iteration / iters_per_epoch
+    progress = min(max(progress / epochs, 0.0), 1.0)
+    return 100.0 - (100.0 - start) * (1.0 - progress)
+
+
+def _check_indicator(indicator):
+    if indicator not in INDICATORS:
+        raise ConfigError(f"unknown indicator {indicator!r}; expected one of {', '.join(INDICATORS)}")
+
+
+def indicator_map(prob, indicator="margin"):
+    """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (SPEC steps 5 and 7)."""
+    _check_indicator(indicator)
+    if indicator == "margin":
+        top2 = prob.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    if indicator == "confidence":
+        return prob.amax(dim=1)
+    return -(prob * torch.log(prob + 1e-10)).sum(dim=1)
+
+
+def threshold(indicator_map, valid, percent):
+    """numpy.percentile(indicator_map[valid], percent) ("linear"), as a float64 0-dim tensor.
+
+    SPEC step 5. Invalid pixels are pushed to +inf so that the first `n_valid` entries of
+    the sorted map are exactly the valid values, and the two order statistics are picked
+    with device-side indices: no boolean indexing (which syncs on CUDA) and no size limit
+    (unlike torch.quantile). With no valid pixel the result is 0.
+    """
+    if indicator_map.shape != valid.shape:
+        raise ValueError(f"indicator map {tuple(indicator_map.shape)} and valid mask "
+                         f"{tuple(valid.shape)} differ in shape")
+    if not 0.0 <= float(percent) <= 100.0:
+        raise ValueError(f"percentile must lie in [0, 100], got {percent!r}")
+    valid = valid.reshape(-1)
+    values = indicator_map.detach().reshape(-1).to(torch.float64)
+    values = values.masked_fill(~valid, math.inf).sort().values
+    last = (valid.sum() - 1).clamp(min=0)
+    position = last.to(torch.float64) * (float(percent) / 100.0)
+    lo = position.floor().long()
+    hi = (lo + 1).clamp(max=last)
+    a = values.index_select(0, lo.reshape(1))[0]
+    b = values.index_select(0, hi.reshape(1))[0]
+    t = position - lo.to(torch.float64)
+    # numpy's _lerp: interpolate from the nearer end, so t=1 returns b exactly.
+    diff = b - a
+    value = torch.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)
+    return torch.where(valid.any(), value, torch.zeros_like(value))
+
+
+def _resolve_prior(prior, num_classes, like):
+    if prior is None:
+        return None
+    prior = torch.as_tensor(prior).to(device=like.device, dtype=like.dtype)
+    if prior.shape != (num_classes,):
+        raise ConfigError(f"neighbour prior has shape {tuple(prior.shape)}, expected ({num_classes},) "
+                          f"for {num_classes} classes")
+    return prior.view(1, num_classes, 1, 1)
+
+
+def refine(prob, neighbors=4, k=1, prior=None):
+    """Neighbour refinement (PLR) of probabilities [B,C,H,W], SPEC step 6.
+
+    For every class, the k largest neighbour probabilities q (zero-padded borders) are
+    folded in descending order: p <- p + beta*q - beta*max(p*q, p*E). The result is not
+    renormalised. Computed in at least fp32.
+    """
+    if neighbors not in _NEIGHBOUR_OFFSETS:
+        raise ConfigError(f"neighbors must be 4 or 8, got {neighbors!r}")
+    if not isinstance(k, int) or not 1 <= k <= neighbors:
+        raise ConfigError(f"k (num_neighbors) must be an integer in [1, {neighbors}], got {k!r}")
+    if prob.dim() != 4:
+        raise ValueError(f"prob must be [B,C,H,W], got shape {tuple(prob.shape)}")
+    p = prob.detach()
+    if p.dtype not in (torch.float32, torch.float64):
+        p = p.float()
+    height, width = p.shape[-2:]
+    padded = F.pad(p, (1, 1, 1, 1))
+    # A running top-k by insertion: 2k max/min ops per neighbour instead of materialising
+    # a [neighbours, B, C, H, W] stack and sorting it.
+    top = []
+    for dy, dx in _NEIGHBOUR_OFFSETS[neighbors]:
+        v = padded[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+        for j in range(len(top)):
+            top[j], v = torch.maximum(top[j], v), torch.minimum(top[j], v)
+        if len(top) < k:
+            top.append(v)
+    e = _resolve_prior(prior, p.shape[1], p)
+    for q in top:
+        # p >= 0, so p*max(q, E) == max(p*q, p*E) exactly (rounding is monotone).
+        joint = p * (q if e is None else torch.maximum(q, e))
+        p = p + BETA * q - BETA * joint
+    return p
+
+
+_refine = refine  # pseudo_label_target's `refine` flag shadows the function
+
+
+def _reliable(ind, gamma, indicator):
+    ind = ind.to(torch.float64)
+    return ind < gamma if indicator == "entropy" else ind > gamma
+
+
+def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator="margin", neighbors=4,
+                        k=1, prior=None, refine=True, ground_truth=None, ignore_index=255):
+    """SPEC steps 5-7: the pseudo-label with unreliable pixels set to `ignore_index`.
+
+    Returns (target [B,H,W] int64, stats). gamma always comes from the unrefined
+    probabilities; with `refine` the keep/drop decision uses the refined ones, but a kept
+    pixel's class is always its pseudo-label.
+    """
+    _check_indicator(indicator)
+    if teacher_logits.dim() != 4 or pseudo_label.shape != teacher_logits.shape[:1] + teacher_logits.shape[2:]:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match pseudo-label "
+                         f"{tuple(pseudo_label.shape)}; expected [B,C,H,W] and [B,H,W]")
+    if not 0.0 <= float(keep_percent) <= 100.0:
+        raise ConfigError(f"keep_percent must lie in [0, 100], got {keep_percent!r}")
+    pseudo_label = pseudo_label.long()
+    with torch.no_grad(), torch.autocast(teacher_logits.device.type, enabled=False):
+        prob = torch.softmax(teacher_logits.detach().float(), dim=1)
+        valid = pseudo_label != ignore_index
+        raw = indicator_map(prob, indicator)
+        percent = keep_percent if indicator == "entropy" else 100.0 - keep_percent
+        gamma = threshold(raw, valid, percent)
+        keep_raw = valid & _reliable(raw, gamma, indicator)
+        if refine:
+            refined = _refine(prob, neighbors, k, prior)
+            keep = valid & _reliable(indicator_map(refined, indicator), gamma, indicator)
+        else:
+            keep = keep_raw
+        target = torch.where(keep, pseudo_label, torch.full_like(pseudo_label, ignore_index))
+        n_valid = valid.sum().clamp(min=1).to(torch.float64)
+        stats = {
+            "threshold": gamma,
+            "kept_fraction": keep.sum() / n_valid,
+            "kept_fraction_unrefined": keep_raw.sum() / n_valid,
+            "flipped_to_keep": (keep & ~keep_raw).sum(),
+            "flipped_to_drop": (keep_raw & ~keep).sum(),
+        }
+        if ground_truth is not None:
+            if ground_truth.shape != pseudo_label.shape:
+                raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
+                                 f"{tuple(pseudo_label.shape)}")
+            labelled = ground_truth != ignore_index
+            correct = pseudo_label == ground_truth
+            for name, mask in (("kept_accuracy", keep), ("kept_accuracy_unrefined", keep_raw)):
+                # 0 when no kept pixel has ground truth, so averaged logs stay finite.
+                counted = (mask & labelled).sum().clamp(min=1).to(torch.float64)
+                stats[name] = (mask & labelled & correct).sum() / counted
+    return target, stats
+
+
+def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, *, indicator="margin",
+                      neighbors=4, k=1, prior=None, refine=True, ground_truth=None, ignore_index=255):
+    """SPEC step 8: L_u = (B*H*W / kept) * CE(student, target), with target from steps 5-7.
+
+    Gradients reach only `student_logits`. The CE is computed in fp32 whatever the input
+    dtype; with nothing kept the loss is an exact 0 that still backpropagates (zeros).
+    Returns (loss, stats) where stats are detached 0-dim tensors (see `pseudo_label_target`).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    target, stats = pseudo_label_target(
+        teacher_logits, pseudo_label, keep_percent, indicator=indicator, neighbors=neighbors, k=k,
+        prior=prior, refine=refine, ground_truth=ground_truth, ignore_index=ignore_index)
+    with torch.autocast(student_logits.device.type, enabled=False):
+        ce_sum = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
+        kept = (target != ignore_index).sum().clamp(min=1).float()
+        loss = (ce_sum / kept) * (target.numel() / kept)
+    return loss, stats
