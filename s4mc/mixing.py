@@ -1,0 +1,132 @@
+"""CutMix, ClassMix and Cutout for the student's strong view (SPEC step 2).
+
+A mix is described by a boolean mask [B,H,W]; True means "this pixel comes from the
+partner" (sample (i+1) mod B unless a partner batch is given), or for Cutout "this pixel
+is erased". Sampling the mask and applying it are separate so that images, pseudo-labels
+and ground truth all receive exactly the same mix.
+
+All randomness comes from a caller-provided CPU torch.Generator, so runs are
+reproducible and each rank can be seeded differently.
+"""
+import torch
+
+from .errors import ConfigError
+
+MODES = ("cutmix", "classmix", "cutout", "none")
+
+
+def _draw(low, high, generator):
+    """An integer uniform in [low, high), from the generator."""
+    return int(torch.randint(low, high, (1,), generator=generator))
+
+
+def _half_area_box(height, width, generator):
+    """(y0, y1, x0, x1) of a box covering half the image: width uniform in (W/2, W)."""
+    low = width // 2 + 1
+    box_w = _draw(low, width, generator) if low < width else width
+    box_h = min(max(round(height * width / 2 / box_w), 1), height)
+    x0 = _draw(0, width - box_w + 1, generator)
+    y0 = _draw(0, height - box_h + 1, generator)
+    return y0, y0 + box_h, x0, x0 + box_w
+
+
+def _class_mask(source, generator, ignore_index):
+    """Pixels of `source` [H,W] whose class is one of a random half of its classes."""
+    classes = torch.unique(source)
+    classes = classes[classes != ignore_index]
+    chosen = classes[torch.randperm(classes.numel(), generator=generator)[: classes.numel() // 2]
+                     .to(classes.device)]
+    return torch.isin(source, chosen)
+
+
+def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_label=None,
+                    partner_label=None, ignore_index=255, device=None):
+    """Sample a mix mask bool[B,H,W]; each sample is mixed with probability `prob`.
+
+    ClassMix picks half the classes present in the partner's pseudo-label: pass the
+    batch's `pseudo_label` [B,H,W] (the partner is then sample (i+1) mod B) or, with an
+    explicit partner batch, its labels as `partner_label`.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown mixing mode {mode!r}; expected one of {', '.join(MODES)}")
+    if not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"mix probability must lie in [0, 1], got {prob!r}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(f"mixing needs a CPU torch.Generator, got {generator!r}")
+    if device is None:
+        device = pseudo_label.device if pseudo_label is not None else torch.device("cpu")
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    if mode == "none":
+        return mask
+    source = None
+    if mode == "classmix":
+        if partner_label is not None:
+            source = partner_label
+        elif pseudo_label is None:
+            raise ValueError("classmix needs pseudo_label (or partner_label) to choose classes from")
+        elif pseudo_label.shape[0] < 2:
+            raise ValueError("classmix on a batch of 1 needs partner_label: an image must not be "
+                             "mixed with itself")
+        else:
+            source = pseudo_label.roll(-1, dims=0)
+        if tuple(source.shape) != (batch, height, width):
+            raise ValueError(f"labels for classmix have shape {tuple(source.shape)}, "
+                             f"expected {(batch, height, width)}")
+    # Draw the gate for every sample up front so the stream does not depend on outcomes.
+    gate = torch.rand(batch, generator=generator) < prob
+    for i in range(batch):
+        if mode == "classmix":
+            chosen = _class_mask(source[i], generator, ignore_index).to(device)
+        else:
+            y0, y1, x0, x1 = _half_area_box(height, width, generator)
+        if not gate[i]:
+            continue
+        if mode == "classmix":
+            mask[i] = chosen
+        else:
+            mask[i, y0:y1, x0:x1] = True
+    return mask
+
+
+def apply_mix(x, mask, partner=None, fill=None):
+    """Mix images [B,C,H,W] or labels [B,H,W] with `mask` bool[B,H,W].
+
+    With `fill` (Cutout: 0 for normalised images, the ignore index for labels) masked
+    pixels are set to it; otherwise they are taken from `partner`, by default the batch
+    rolled so that sample i takes from sample (i+1) mod B.
+    """
+    if x.dim() not in (3, 4) or mask.shape != x.shape[:1] + x.shape[-2:]:
+        raise ValueError(f"mix mask {tuple(mask.shape)} does not fit a batch of shape {tuple(x.shape)}")
+    mask = mask.to(x.device)
+    if x.dim() == 4:
+        mask = mask.unsqueeze(1)
+    if fill is not None:
+        return x.masked_fill(mask, fill)
+    if partner is None:
+        if x.shape[0] < 2:
+            raise ValueError("cannot mix a batch of 1 without an explicit partner batch: "
+                             "an image must not be mixed with itself")
+        partner = x.roll(-1, dims=0)
+    elif partner.shape != x.shape:
+        raise ValueError(f"partner batch {tuple(partner.shape)} does not match {tuple(x.shape)}")
+    return torch.where(mask, partner.to(x.device, x.dtype), x)
+
+
+def mix_batch(mode, mask, image, labels, *, partner_image=None, partner_labels=None, ignore_index=255):
+    """Apply one mask to an image batch and to each label batch in `labels` alike.
+
+    Returns (image, [labels...]). Cutout erases (image 0, label `ignore_index`); the other
+    modes paste from the partner. `partner_labels`, when given, pairs with `labels`.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown mixing mode {mode!r}; expected one of {', '.join(MODES)}")
+    labels = list(labels)
+    if mode == "none":
+        return image, labels
+    if mode == "cutout":
+        return apply_mix(image, mask, fill=0.0), [apply_mix(y, mask, fill=ignore_index) for y in labels]
+    partners = list(partner_labels) if partner_labels is not None else [None] * len(labels)
+    if len(partners) != len(labels):
+        raise ValueError(f"{len(partners)} partner label batches for {len(labels)} label batches")
+    return (apply_mix(image, mask, partner_image),
+            [apply_mix(y, mask, p) for y, p in zip(labels, partners)])
