@@ -1,0 +1,225 @@
+"""Loading ImageNet backbones and project/U2PL/S4MC checkpoints strictly, and SyncBatchNorm.
+
+Every load is strict: a missing, unexpected or wrongly shaped key raises ``CheckpointError`` naming
+the keys (with shapes) and the file, because a silently half-loaded backbone trains to a plausible
+but much worse mIoU and is very hard to spot afterwards. Files are read with
+``torch.load(weights_only=True)`` so a checkpoint cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from s4mc.errors import CheckpointError
+
+log = logging.getLogger("s4mc")
+
+U2PL_BACKBONE_HINT = (
+    "U2PL's README (https://github.com/Haochen-Wang409/U2PL#getting-started) links the deep-stem "
+    "ImageNet weights resnet101.pth (and resnet50.pth); download one and set net.encoder.pretrained "
+    "to its path. Alternatively set net.encoder.stem: torchvision and net.encoder.pretrained: "
+    "torchvision to start from torchvision's ImageNet weights."
+)
+
+# Top-level keys of a training checkpoint (SPEC: model_state, teacher_state, optimizer_state, ...).
+_STATE_KEYS = {"teacher": ("teacher_state", "model_state"), "student": ("model_state", "teacher_state")}
+_MAX_LISTED = 25
+
+
+def _encoder_of(model: nn.Module) -> nn.Module:
+    # Accept either the full SegmentationModel or a bare encoder.
+    return getattr(model, "encoder", model)
+
+
+def _strip_prefix(sd: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    # DDP-wrapped models save every key as "module.<name>"; strip it per key so mixed files work.
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def _fmt(keys: list[str], shapes: Mapping[str, Any]) -> str:
+    items = [f"{k} {list(shapes[k].shape) if hasattr(shapes[k], 'shape') else shapes[k]}" for k in keys]
+    if len(items) > _MAX_LISTED:
+        items = items[:_MAX_LISTED] + [f"... and {len(keys) - _MAX_LISTED} more"]
+    return "\n    " + "\n    ".join(items)
+
+
+def _hints(missing: list[str], unexpected: list[str]) -> list[str]:
+    hints = []
+    if "conv1.weight" in unexpected and "conv1.0.weight" in missing:
+        hints.append("the file has a 7x7 (torchvision) stem but the model a deep stem: set net.encoder.stem: torchvision")
+    if "conv1.0.weight" in unexpected and "conv1.weight" in missing:
+        hints.append("the file has U2PL's deep stem but the model a 7x7 stem: set net.encoder.stem: deep")
+    if any(k.startswith("auxor.") for k in unexpected):
+        hints.append("the checkpoint has an aux head (auxor.*): set net.aux_loss (e.g. {aux_plane: 1024, loss_weight: 0.4})")
+    if any(k.startswith("auxor.") for k in missing):
+        hints.append("the checkpoint has no aux head: set net.aux_loss: null")
+    if any(k.startswith("decoder.representation.") for k in missing):
+        hints.append("the checkpoint has no representation head: set net.decoder.kwargs.rep_head: false")
+    return hints
+
+
+def check_state_dict(module: nn.Module, sd: Mapping[str, Any], source: str, what: str) -> None:
+    """Raise ``CheckpointError`` unless ``sd`` has exactly ``module``'s keys with the same shapes."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    mismatched = sorted(
+        k for k in own if k in sd and (not hasattr(sd[k], "shape") or tuple(sd[k].shape) != tuple(own[k].shape))
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{what} {source} does not fit the model (strict loading):"]
+    if missing:
+        parts.append(f"  {len(missing)} missing key(s) (in the model, not in the file):" + _fmt(missing, own))
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected key(s) (in the file, not in the model):" + _fmt(unexpected, sd))
+    if mismatched:
+        rows = [
+            f"{k}: file {list(getattr(sd[k], 'shape', [])) if hasattr(sd[k], 'shape') else type(sd[k]).__name__}"
+            f" vs model {list(own[k].shape)}"
+            for k in mismatched
+        ]
+        if len(rows) > _MAX_LISTED:
+            rows = rows[:_MAX_LISTED] + [f"... and {len(rows) - _MAX_LISTED} more"]
+        parts.append(f"  {len(mismatched)} shape mismatch(es):\n    " + "\n    ".join(rows))
+    parts += [f"  hint: {h}" for h in _hints(missing, unexpected)]
+    raise CheckpointError("\n".join(parts))
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read {path} as a tensor file with torch.load(weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+
+
+def torchvision_to_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a torchvision ResNet state dict onto a ``stem="torchvision"`` encoder.
+
+    The encoder deliberately reuses torchvision's module names (``conv1``, ``bn1``, ``layerN.i.*``,
+    ``downsample.0/1``), so the mapping is the identity apart from dropping the ImageNet ``fc``.
+    """
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
+def _torchvision_weights(encoder: nn.Module):
+    import torchvision.models as tvm  # local import: only this path needs torchvision
+
+    depth = tuple(len(getattr(encoder, f"layer{i}")) for i in range(1, 5))
+    table = {(3, 4, 6, 3): ("resnet50", tvm.ResNet50_Weights), (3, 4, 23, 3): ("resnet101", tvm.ResNet101_Weights)}
+    if depth not in table:
+        raise CheckpointError(
+            f"net.encoder.pretrained: torchvision has ImageNet weights for resnet50/resnet101 only; "
+            f"this encoder has blocks {list(depth)}"
+        )
+    if getattr(encoder, "stem_type", None) != "torchvision" or getattr(encoder, "out_channels", (256,))[0] != 256:
+        raise CheckpointError(
+            "net.encoder.pretrained: torchvision needs net.encoder.stem: torchvision (torchvision's ResNets "
+            "have a 7x7 stem) and the default width 64"
+        )
+    return table[depth]
+
+
+def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load ImageNet weights into ``model.encoder`` (or ``model`` if it is an encoder), strictly.
+
+    ``path`` is a local file in U2PL's ``resnet101.pth`` layout (encoder keys without the
+    ``encoder.`` prefix), a torchvision ResNet file (for ``stem: torchvision``), or the string
+    ``"torchvision"`` to fetch torchvision's IMAGENET1K_V1 weights through torchvision's loader
+    (cached under ``$TORCH_HOME/hub/checkpoints``). ``fc.*`` and a ``module.`` prefix are ignored.
+    """
+    encoder = _encoder_of(model)
+    if str(path) == "torchvision":
+        name, weights_enum = _torchvision_weights(encoder)
+        weights = weights_enum.IMAGENET1K_V1
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        try:
+            sd = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        except Exception as e:  # offline, proxy, corrupt download: all end the same way for the user
+            raise CheckpointError(
+                f"cannot get torchvision's {name} ImageNet weights ({type(e).__name__}: {e}). "
+                f"Download {weights.url} on a machine with internet access and put it in {cache} "
+                f"(torchvision's cache dir, $TORCH_HOME/hub/checkpoints), or set net.encoder.pretrained "
+                f"to the downloaded file's path."
+            ) from e
+        source = f"torchvision {name} IMAGENET1K_V1 ({weights.url})"
+    else:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {p}. {U2PL_BACKBONE_HINT}")
+        sd = _torch_load(p, "cpu")
+        if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+            sd = sd["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"backbone file {p} holds a {type(sd).__name__}, not a state dict")
+        source = str(p)
+    sd = torchvision_to_encoder(_strip_prefix(sd, "module."))
+    check_state_dict(encoder, sd, source, "backbone weights")
+    encoder.load_state_dict(sd, strict=True)
+    log.info("loaded backbone weights from %s (%d tensors)", source, len(sd))
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, which: str = "teacher", map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """Load a project/U2PL/S4MC checkpoint into ``model`` strictly (for eval or fine-tuning).
+
+    ``which="teacher"`` prefers ``teacher_state`` and falls back to ``model_state`` (e.g. a
+    supervised-only checkpoint); ``which="student"`` prefers ``model_state``. A bare state dict
+    is used as is. ``module.`` prefixes from DDP are stripped. Returns
+    ``{"path", "state_key", "epoch", "best_miou"}`` (the last two ``None`` when absent).
+    """
+    if which not in _STATE_KEYS:
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {p}")
+    ckpt = _torch_load(p, map_location)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
+    state_key = None
+    for key in _STATE_KEYS[which] + ("state_dict",):
+        if isinstance(ckpt.get(key), Mapping):
+            state_key = key
+            break
+    if state_key is not None:
+        if state_key != _STATE_KEYS[which][0]:
+            log.info("checkpoint %s has no %s; loading %s instead", p, _STATE_KEYS[which][0], state_key)
+        sd = ckpt[state_key]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt  # a bare state dict
+    else:
+        raise CheckpointError(
+            f"checkpoint {p} has neither teacher_state/model_state/state_dict nor only tensors; "
+            f"top-level keys: {sorted(map(str, ckpt))[:20]}"
+        )
+    sd = _strip_prefix(sd, "module.")
+    check_state_dict(model, sd, f"{p}" + (f" [{state_key}]" if state_key else ""), "checkpoint")
+    model.load_state_dict(sd, strict=True)
+    log.info("loaded %s from %s", state_key or "state dict", p)
+    return {"path": str(p), "state_key": state_key, "epoch": ckpt.get("epoch"), "best_miou": ckpt.get("best_miou")}
+
+
+def maybe_sync_bn(model: nn.Module, enabled: bool, distributed: bool, device: Any) -> nn.Module:
+    """Convert BatchNorm to SyncBatchNorm only when it can work: CUDA under DDP, and enabled.
+
+    SyncBatchNorm has no CPU kernel and needs a process group, so elsewhere the model keeps plain
+    BatchNorm and one log line says so (the statistics are then per process, as on one GPU).
+    """
+    dev = torch.device(device)
+    if enabled and distributed and dev.type == "cuda":
+        log.info("net.sync_bn: converting BatchNorm to SyncBatchNorm")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if enabled:
+        why = "not distributed" if not distributed else f"device is {dev.type}, SyncBatchNorm needs CUDA"
+        log.info("net.sync_bn: keeping BatchNorm (%s)", why)
+    return model
