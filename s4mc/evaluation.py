@@ -423,9 +423,13 @@ def _resolve_refine(refine, device: torch.device) -> Callable[[torch.Tensor], to
     # hard import-time dependency of this module.
     from .method import refine as s4mc_refine
 
+    # method.refine wants the prior as a tensor next to the probabilities; lists from a
+    # config are converted once here rather than per image.
     prior = kwargs.get("prior")
-    if prior is not None:
-        kwargs["prior"] = torch.as_tensor(prior, dtype=torch.float32, device=device)
+    if isinstance(prior, (list, tuple, np.ndarray)):
+        kwargs["prior"] = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=device)
+    elif torch.is_tensor(prior):
+        kwargs["prior"] = prior.to(device=device, dtype=torch.float32)
     return lambda prob: s4mc_refine(prob, **kwargs)
 
 
