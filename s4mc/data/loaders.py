@@ -1,0 +1,220 @@
+"""Training loaders and the validation dataset, built from the config dict.
+
+Per-epoch data follows the release: the labeled list is repeated to the length of
+the unlabeled list, both are sharded by a DistributedSampler (also with one process,
+so the loop always has samplers to call `set_epoch` on), and training loaders drop
+the last incomplete batch so every step sees full per-GPU batches (CutMix pairs
+sample i with i+1; BN statistics on a batch of 1 are meaningless).
+
+Seeding: each loader has its own torch.Generator seeded from (run seed, rank,
+stream), from which the DataLoader draws a fresh base seed per epoch iterator; each
+worker is then seeded base + worker id (torch, random and numpy). So crops differ
+across ranks, workers, the labeled/unlabeled streams and epochs, and a run repeats
+exactly from its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from s4mc.errors import ConfigError, DataError
+
+from .classes import BUILTIN, voc_palette
+from .datasets import (DATASET_TYPES, RepeatDataset, SegmentationDataset, build_samples,
+                       default_unlabeled_list)
+from .toy import ensure_toy
+from .transforms import EvalTransform, StrongPhotometric, TrainTransform
+
+log = logging.getLogger(__name__)
+
+_STREAM_LABELED, _STREAM_UNLABELED = 0, 1
+
+
+class TrainLoaders(NamedTuple):
+    labeled: DataLoader
+    unlabeled: DataLoader | None       # None with labeled_only=True
+    samplers: tuple                    # call s.set_epoch(epoch) on each, every epoch
+
+
+class DatasetInfo(NamedTuple):
+    num_classes: int
+    class_names: list[str]
+    palette: list[list[int]]
+    ignore_index: int
+
+
+def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+    """cfg lookup that tolerates a missing key (config.py fills defaults, but tests and
+    tools may pass a partial dict)."""
+    cur: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(cur, dict) or k not in cur or cur[k] is None:
+            return default
+        cur = cur[k]
+    return cur
+
+
+def _require(cfg: dict, dotted: str) -> Any:
+    v = _get(cfg, dotted)
+    if v is None:
+        raise ConfigError(f"config key {dotted} is required")
+    return v
+
+
+def _dataset_type(cfg: dict) -> str:
+    t = _require(cfg, "dataset.type")
+    aliases = {"pascal_semi": "pascal", "cityscapes_semi": "cityscapes"}
+    t = aliases.get(t, t)
+    if t not in DATASET_TYPES:
+        raise ConfigError(f"dataset.type {t!r} is not one of {DATASET_TYPES}")
+    return t
+
+
+def dataset_info(cfg: dict) -> DatasetInfo:
+    """Number of classes, names, palette (RGB triples) and ignore index of cfg's dataset."""
+    t = _dataset_type(cfg)
+    n = int(_require(cfg, "net.num_classes"))
+    ignore = int(_get(cfg, "dataset.ignore_index", 255))
+    if not 0 <= ignore <= 255:
+        raise ConfigError(f"dataset.ignore_index must be in [0, 255] (masks are 8-bit), got {ignore}")
+    names = _get(cfg, "dataset.class_names")
+    palette = _get(cfg, "dataset.palette")
+    builtin_names, builtin_palette = BUILTIN.get(t, (None, None))
+    if names is None:
+        if builtin_names is not None and len(builtin_names) == n:
+            names = list(builtin_names)
+        elif t == "custom":
+            names = [f"class_{i}" for i in range(n)]
+        else:
+            raise ConfigError(
+                f"net.num_classes is {n} but the built-in {t} classes number {len(builtin_names)}; "
+                "set dataset.class_names to match")
+    names = [str(x) for x in names]
+    if len(names) != n:
+        raise ConfigError(f"dataset.class_names has {len(names)} entries, net.num_classes is {n}")
+    if palette is None:
+        palette = builtin_palette if (builtin_palette is not None and len(builtin_palette) == n) else voc_palette(n)
+    palette = [[int(c) for c in rgb] for rgb in palette]
+    if len(palette) < n or any(len(rgb) != 3 for rgb in palette):
+        raise ConfigError(f"dataset.palette needs {n} [r, g, b] entries, got {len(palette)}")
+    return DatasetInfo(n, names, palette[:n], ignore)
+
+
+def _samples(cfg: dict, root: str, split: str, require_masks: bool):
+    return build_samples(
+        _dataset_type(cfg), root, split, require_masks=require_masks,
+        image_dir=_get(cfg, "dataset.image_dir"), mask_dir=_get(cfg, "dataset.mask_dir"),
+        image_suffix=_get(cfg, "dataset.image_suffix", ".jpg"),
+        mask_suffix=_get(cfg, "dataset.mask_suffix", ".png"))
+
+
+def _maybe_make_toy(cfg: dict, root: str) -> None:
+    if _dataset_type(cfg) == "toy":
+        ensure_toy(root)
+
+
+def _train_transform(cfg: dict, strong: bool) -> TrainTransform:
+    crop = _get(cfg, "dataset.train.crop", {}) or {}
+    size = crop.get("size", [513, 513])
+    if isinstance(size, int):
+        size = [size, size]
+    return TrainTransform(
+        crop_size=size,
+        scale_range=_get(cfg, "dataset.train.rand_resize", [0.5, 2.0]),
+        flip=bool(_get(cfg, "dataset.train.flip", True)),
+        mean=_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),
+        std=_get(cfg, "dataset.std", [58.395, 57.12, 57.375]),
+        pad_label=int(crop.get("pad_label", _get(cfg, "dataset.ignore_index", 255))),
+        strong=StrongPhotometric.from_cfg(_get(cfg, "dataset.train.strong_aug")) if strong else None,
+    )
+
+
+def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
+    """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms."""
+    info = dataset_info(cfg)
+    root = str(_require(cfg, "dataset.train.data_root"))
+    _maybe_make_toy(cfg, root)
+    labeled_list = str(_require(cfg, "dataset.train.data_list"))
+    weak = _train_transform(cfg, strong=False)
+    labeled = SegmentationDataset(_samples(cfg, root, labeled_list, True), num_classes=info.num_classes,
+                                  ignore_index=info.ignore_index, transform=weak)
+    if labeled_only:
+        return labeled, None
+    unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
+    strong = bool(_get(cfg, "trainer.unsupervised.strong_aug", False))
+    unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False), num_classes=info.num_classes,
+                                    ignore_index=info.ignore_index,
+                                    transform=_train_transform(cfg, strong=strong) if strong else weak)
+    return labeled, unlabeled
+
+
+def _stream_seed(seed: int, rank: int, stream: int) -> int:
+    # SeedSequence mixes the triple so that nearby (seed, rank) pairs do not share streams
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(stream)]).generate_state(1)[0])
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Runs in each worker. torch/random/numpy are already seeded by the DataLoader
+    from the (rank-dependent) base seed + worker id; only keep cv2 single-threaded."""
+    import cv2
+    cv2.setNumThreads(0)
+
+
+def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, stream: int = 0, shuffle: bool = True, drop_last: bool = True):
+    """(DataLoader, DistributedSampler) with the seeding scheme described in the module doc."""
+    if len(dataset) < batch_size * world_size and drop_last:
+        raise DataError(
+            f"dataset of {len(dataset)} items is smaller than one global batch "
+            f"({batch_size} x {world_size} GPUs); no full batch can be drawn")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=int(seed), drop_last=False)
+    gen = torch.Generator()
+    gen.manual_seed(_stream_seed(seed, rank, stream))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        worker_init_fn=worker_init_fn, generator=gen, persistent_workers=workers > 0,
+    )
+    return loader, sampler
+
+
+def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        labeled_only: bool = False) -> TrainLoaders:
+    """Labeled and unlabeled training loaders (per-GPU batch dataset.batch_size each).
+
+    labeled_only=True (supervised baseline): the labeled set is not repeated and
+    `unlabeled` is None.
+    """
+    labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only)
+    bs = int(_get(cfg, "dataset.batch_size", 4))
+    workers = int(_get(cfg, "dataset.workers", 2))
+    if unlabeled is not None:
+        # repeat to the unlabeled length (never shorten: a labeled list longer than
+        # the unlabeled one, e.g. Cityscapes 1488/1487, keeps every labeled image)
+        labeled = RepeatDataset(labeled, max(len(unlabeled), len(labeled)))
+    lab_loader, lab_sampler = build_loader(labeled, batch_size=bs, workers=workers, rank=rank,
+                                           world_size=world_size, seed=seed, stream=_STREAM_LABELED)
+    if unlabeled is None:
+        return TrainLoaders(lab_loader, None, (lab_sampler,))
+    unl_loader, unl_sampler = build_loader(unlabeled, batch_size=bs, workers=workers, rank=rank,
+                                           world_size=world_size, seed=seed, stream=_STREAM_UNLABELED)
+    return TrainLoaders(lab_loader, unl_loader, (lab_sampler, unl_sampler))
+
+
+def build_val_dataset(cfg: dict) -> SegmentationDataset:
+    """Validation set: full-size normalised images, items {"image", "label", "id"}."""
+    info = dataset_info(cfg)
+    root = str(_require(cfg, "dataset.val.data_root"))
+    _maybe_make_toy(cfg, root)
+    samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True)
+    return SegmentationDataset(
+        samples, num_classes=info.num_classes, ignore_index=info.ignore_index,
+        transform=EvalTransform(_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),
+                                _get(cfg, "dataset.std", [58.395, 57.12, 57.375])))

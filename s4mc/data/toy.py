@@ -1,0 +1,247 @@
+"""A small procedurally generated segmentation dataset for smoke runs and CPU tests.
+
+    python -m s4mc.data.toy --root data/toy --seed 0
+
+Scenes are a textured background with 2-6 overlapping shapes (circle, rectangle,
+triangle, blob, ring), drawn back to front so later shapes occlude earlier ones;
+the label is the class of the front-most shape at each pixel, so it is spatially
+coherent. Colour and texture are only weak cues: every class draws them from the
+same pools, with a mild class preference, and the background uses the same pools,
+so a model has to learn shape (circle vs blob vs ring) and context, which takes more
+than a handful of labeled images. Pixel noise, an illumination gradient and a slight
+blur keep the edges from being trivial.
+
+Layout (VOC-like, read by dataset.type "toy"):
+    JPEGImages/<id>.png          RGB (PNG so the bytes are identical across libjpeg builds)
+    SegmentationClass/<id>.png   palette PNG, index = class
+    splits/labeled.txt, splits/unlabeled.txt, splits/val.txt
+
+Each image comes from its own generator seeded by (seed, split, index), so the
+output is deterministic and independent of generation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .classes import TOY_CLASSES, TOY_PALETTE
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
+_N_POOLS = 6                   # colour pools shared by all classes
+_N_TEXTURES = 5                # flat, stripes, checker, noise, dots
+_CLASS_PREF = 0.45             # probability a class uses "its" colour pool / texture
+
+
+def _grid(size: int):
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
+def _texture(rng: np.random.Generator, kind: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A [0,1] field over the whole canvas (shapes are cut out of it)."""
+    size = yy.shape[0]
+    theta = rng.uniform(0, np.pi)
+    f = rng.uniform(0.06, 0.22)  # cycles per pixel
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    v = -xx * np.sin(theta) + yy * np.cos(theta)
+    if kind == 0:   # flat with faint low-frequency variation
+        t = np.full_like(yy, 0.5)
+    elif kind == 1:  # stripes
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * f * u + rng.uniform(0, 2 * np.pi))
+    elif kind == 2:  # checker
+        t = ((np.sin(2 * np.pi * f * u) > 0) ^ (np.sin(2 * np.pi * f * v) > 0)).astype(np.float32)
+    elif kind == 3:  # smooth noise: random coarse grid, bilinearly upsampled
+        g = rng.uniform(0, 1, (rng.integers(4, 12),) * 2).astype(np.float32)
+        t = cv2.resize(g, (size, size), interpolation=cv2.INTER_LINEAR)
+    else:            # dots
+        t = ((np.sin(2 * np.pi * f * u) * np.sin(2 * np.pi * f * v)) > 0.4).astype(np.float32)
+    return t.astype(np.float32)
+
+
+def _colour(rng: np.random.Generator, pool: int) -> np.ndarray:
+    """An RGB colour (0-255) from hue pool `pool`, with saturation/value jitter."""
+    h = (pool / _N_POOLS + rng.normal(0, 0.04)) % 1.0
+    s = rng.uniform(0.35, 0.95)
+    v = rng.uniform(0.35, 0.95)
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
+
+
+def _paint(rng: np.random.Generator, cls: int, yy, xx) -> np.ndarray:
+    """HxWx3 float image of a textured fill whose colour/texture mildly prefer `cls`."""
+    pool = cls % _N_POOLS if rng.random() < _CLASS_PREF else int(rng.integers(_N_POOLS))
+    tex = cls % _N_TEXTURES if rng.random() < _CLASS_PREF else int(rng.integers(_N_TEXTURES))
+    c1 = _colour(rng, pool)
+    # second colour: same hue family, shifted brightness, so texture reads as texture
+    c2 = np.clip(c1 * rng.uniform(0.4, 0.8) + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
+    t = _texture(rng, tex, yy, xx)[..., None]
+    return c1 * (1 - t) + c2 * t
+
+
+def _shape_mask(rng: np.random.Generator, cls: int, yy, xx, size: int) -> np.ndarray:
+    cy, cx = rng.uniform(0.1, 0.9, 2) * size
+    r = rng.uniform(0.10, 0.24) * size
+    dy, dx = yy - cy, xx - cx
+    if cls == 1:    # circle
+        return dy * dy + dx * dx <= r * r
+    if cls == 2:    # rotated rectangle with random aspect
+        a = rng.uniform(0, np.pi)
+        u = dx * np.cos(a) + dy * np.sin(a)
+        v = -dx * np.sin(a) + dy * np.cos(a)
+        ar = rng.uniform(0.45, 1.0)
+        return (np.abs(u) <= r) & (np.abs(v) <= r * ar)
+    if cls == 3:    # triangle: three vertices around the centre, half-plane tests
+        ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.normal(0, 0.25, 3)
+        rad = r * rng.uniform(1.0, 1.4, 3)
+        py, px = cy + rad * np.sin(ang), cx + rad * np.cos(ang)
+        gy, gx = py.mean(), px.mean()  # the centroid is always inside: it fixes each edge's sign
+        inside = np.ones_like(yy, dtype=bool)
+        for i in range(3):
+            j = (i + 1) % 3
+            cross = (px[j] - px[i]) * (yy - py[i]) - (py[j] - py[i]) * (xx - px[i])
+            ref = (px[j] - px[i]) * (gy - py[i]) - (py[j] - py[i]) * (gx - px[i])
+            inside &= cross * (1.0 if ref >= 0 else -1.0) >= 0
+        return inside
+    theta = np.arctan2(dy, dx)
+    dist = np.sqrt(dy * dy + dx * dx)
+    if cls == 4:    # blob: radius modulated by a few low harmonics
+        rr = np.full_like(theta, r)
+        for k in (2, 3, 4):
+            rr += r * rng.uniform(0.08, 0.22) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+        return dist <= rr
+    # ring (annulus)
+    inner = r * rng.uniform(0.45, 0.7)
+    return (dist <= r) & (dist >= inner)
+
+
+def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One (RGB uint8 image, uint8 label) pair."""
+    yy, xx = _grid(size)
+    img = _paint(rng, 0, yy, xx)
+    # a second background texture in a random half-plane: backgrounds are not uniform
+    if rng.random() < 0.5:
+        a = rng.uniform(0, 2 * np.pi)
+        side = (xx - size / 2) * np.cos(a) + (yy - size / 2) * np.sin(a) > rng.uniform(-0.3, 0.3) * size
+        img = np.where(side[..., None], _paint(rng, 0, yy, xx), img)
+    label = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(int(rng.integers(2, 7))):
+        cls = int(rng.integers(1, NUM_CLASSES))
+        m = _shape_mask(rng, cls, yy, xx, size)
+        img = np.where(m[..., None], _paint(rng, cls, yy, xx), img)
+        label[m] = cls
+    # illumination gradient, slight blur, sensor noise
+    g = 1 + rng.uniform(-0.25, 0.25) * ((xx * np.cos(rng.uniform(0, 6.3)) + yy * np.sin(rng.uniform(0, 6.3))) / size)
+    img = img * g[..., None]
+    img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 0.9))
+    img = img + rng.normal(0, rng.uniform(4, 14), img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def _write_mask(path: Path, label: np.ndarray) -> None:
+    im = Image.fromarray(label, mode="P")
+    flat = [c for rgb in TOY_PALETTE for c in rgb]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    im.save(path)
+
+
+def generate_toy(root: str | os.PathLike, *, seed: int = 0, num_train: int = 400, num_labeled: int = 20,
+                 num_val: int = 100, size: int = 128, overwrite: bool = False) -> Path:
+    """Write the toy dataset under `root` and return it.
+
+    Written into a temporary sibling directory and renamed into place, so concurrent
+    callers (several DDP ranks creating it at once) never see a half-written dataset.
+    """
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{root} exists and is not empty (pass overwrite=True / --overwrite)")
+        shutil.rmtree(root)
+    if not 0 < num_labeled <= num_train:
+        raise ValueError(f"need 0 < num_labeled ({num_labeled}) <= num_train ({num_train})")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=root.parent))
+    try:
+        (tmp / "JPEGImages").mkdir()
+        (tmp / "SegmentationClass").mkdir()
+        (tmp / "splits").mkdir()
+        ids = {"train": [f"train_{i:04d}" for i in range(num_train)],
+               "val": [f"val_{i:04d}" for i in range(num_val)]}
+        for split_no, (split, names) in enumerate(ids.items()):
+            for i, name in enumerate(names):
+                rng = np.random.default_rng([seed, split_no, i])
+                img, lab = render_scene(rng, size)
+                cv2.imwrite(str(tmp / "JPEGImages" / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                _write_mask(tmp / "SegmentationClass" / f"{name}.png", lab)
+        order = np.random.default_rng([seed, 99]).permutation(num_train)
+        labeled = [ids["train"][i] for i in sorted(order[:num_labeled])]
+        unlabeled = [ids["train"][i] for i in sorted(order[num_labeled:])]
+        for fname, names in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled), ("val.txt", ids["val"])):
+            (tmp / "splits" / fname).write_text("".join(n + "\n" for n in names))
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # another process won the race (or root appeared as an empty dir)
+            if root.exists() and not any(root.iterdir()):
+                root.rmdir()
+                os.rename(tmp, root)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def ensure_toy(root: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Create the toy dataset at `root` (default sizes, seed 0) when it is missing or empty."""
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        return root
+    t0 = time.perf_counter()
+    generate_toy(root, seed=seed)
+    log.warning("toy dataset was missing; generated it at %s (seed %d) in %.1f s",
+                root, seed, time.perf_counter() - t0)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m s4mc.data.toy",
+        description="Generate the procedural toy segmentation dataset (VOC-like layout; "
+                    f"classes: {', '.join(TOY_CLASSES)}).")
+    ap.add_argument("--root", default="data/toy", help="output directory (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
+    ap.add_argument("--num-train", type=int, default=400, help="training images (default: %(default)s)")
+    ap.add_argument("--num-labeled", type=int, default=20,
+                    help="of which listed in splits/labeled.txt (default: %(default)s)")
+    ap.add_argument("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
+    ap.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --root")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        root = generate_toy(a.root, seed=a.seed, num_train=a.num_train, num_labeled=a.num_labeled,
+                            num_val=a.num_val, size=a.size, overwrite=a.overwrite)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.num_train} train ({a.num_labeled} labeled) + {a.num_val} val images to {root} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
