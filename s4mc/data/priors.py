@@ -1,0 +1,134 @@
+"""Per-class neighbour prior E_c for the S4MC refinement, measured on labeled masks.
+
+    python -m s4mc.data.priors --type pascal --root data/VOC2012 \
+        --list data/splits/pascal/92/labeled.txt --num-classes 21 --out priors_voc92.json
+    python -m s4mc.data.priors --config experiments/toy/config.yaml --out toy_prior.json
+
+E_c = (# ordered pairs (p, q), q a 4-neighbour of p inside the image, label(p) = c,
+       label(q) = c) / (# ordered pairs with label(p) = c and label(q) not ignored).
+That is the fraction of a class-c pixel's neighbours that are also class c, pooled
+over all pixels of the split. Pairs touching an ignore pixel are left out (VOC's
+255 object boundaries would otherwise pull every E_c down), as are neighbours beyond
+the image border. Only the labeled split is read: using the unlabeled ground truth
+would leak labels into a semi-supervised run.
+
+Output JSON: {"prior": [E_0, ...], "dataset": ..., "split": ..., "neighbors": 4,
+"pixels": [...]} -- point trainer.unsupervised.neighbor_prior at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from s4mc.errors import DataError
+
+from .datasets import DATASET_TYPES, SegmentationDataset, build_samples
+
+
+def _pair_counts(a: np.ndarray, b: np.ndarray, ignore_index: int, C: int, same: np.ndarray, total: np.ndarray):
+    valid = (a != ignore_index) & (b != ignore_index)
+    a, b = a[valid].astype(np.int64), b[valid].astype(np.int64)
+    eq = a == b
+    # each unordered pair contributes once from each endpoint's side
+    same += 2 * np.bincount(a[eq], minlength=C)[:C]
+    total += np.bincount(a, minlength=C)[:C] + np.bincount(b, minlength=C)[:C]
+
+
+def neighbor_counts(label: np.ndarray, num_classes: int, ignore_index: int = 255, neighbors: int = 4):
+    """(same, total) int64 arrays of length C for one mask (see module doc)."""
+    if neighbors not in (4, 8):
+        raise ValueError(f"neighbors must be 4 or 8, got {neighbors}")
+    C = num_classes
+    same = np.zeros(C, np.int64)
+    total = np.zeros(C, np.int64)
+    _pair_counts(label[:, :-1], label[:, 1:], ignore_index, C, same, total)   # horizontal
+    _pair_counts(label[:-1, :], label[1:, :], ignore_index, C, same, total)   # vertical
+    if neighbors == 8:
+        _pair_counts(label[:-1, :-1], label[1:, 1:], ignore_index, C, same, total)
+        _pair_counts(label[:-1, 1:], label[1:, :-1], ignore_index, C, same, total)
+    return same, total
+
+
+def neighbor_prior(labels: Iterable[np.ndarray], num_classes: int, ignore_index: int = 255,
+                   neighbors: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(E float64[C], pixels int64[C]); a class never seen gets E_c = 0."""
+    same = np.zeros(num_classes, np.int64)
+    total = np.zeros(num_classes, np.int64)
+    pixels = np.zeros(num_classes, np.int64)
+    for lab in labels:
+        s, t = neighbor_counts(lab, num_classes, ignore_index, neighbors)
+        same += s
+        total += t
+        v = lab[lab != ignore_index].astype(np.int64)
+        pixels += np.bincount(v, minlength=num_classes)[:num_classes]
+    prior = np.divide(same, total, out=np.zeros(num_classes, np.float64), where=total > 0)
+    return prior, pixels
+
+
+def prior_for_split(dataset_type: str, root: str, split: str, num_classes: int, *, ignore_index: int = 255,
+                    neighbors: int = 4, **custom) -> dict:
+    samples = build_samples(dataset_type, root, split, require_masks=True, **custom)
+    ds = SegmentationDataset(samples, num_classes=num_classes, ignore_index=ignore_index)
+    # ds.load checks each mask (size, value range) and maps Cityscapes labelIds
+    prior, pixels = neighbor_prior((ds.load(i)[1] for i in range(len(ds))), num_classes, ignore_index, neighbors)
+    return {"prior": prior.tolist(), "dataset": dataset_type, "split": str(split), "neighbors": neighbors,
+            "num_images": len(ds), "pixels": pixels.tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m s4mc.data.priors",
+        description="Compute the per-class neighbour prior E_c from the labeled split and write it as JSON "
+                    "(usable as trainer.unsupervised.neighbor_prior).")
+    ap.add_argument("--config", help="experiment config; takes type/root/list/classes/ignore from it")
+    ap.add_argument("--type", choices=DATASET_TYPES, help="dataset layout (without --config)")
+    ap.add_argument("--root", help="dataset root (without --config)")
+    ap.add_argument("--list", help="labeled split file (without --config)")
+    ap.add_argument("--num-classes", type=int, help="number of classes (without --config)")
+    ap.add_argument("--ignore-index", type=int, default=255, help="ignored label value (default: %(default)s)")
+    ap.add_argument("--image-dir", help="custom: image folder relative to --root")
+    ap.add_argument("--mask-dir", help="custom: mask folder relative to --root")
+    ap.add_argument("--image-suffix", default=".jpg", help="custom: image extension (default: %(default)s)")
+    ap.add_argument("--mask-suffix", default=".png", help="custom: mask extension (default: %(default)s)")
+    ap.add_argument("--neighbors", type=int, choices=(4, 8), default=4, help="neighbourhood (default: %(default)s)")
+    ap.add_argument("--out", required=True, help="output JSON path")
+    a = ap.parse_args(argv)
+    custom = {"image_dir": a.image_dir, "mask_dir": a.mask_dir, "image_suffix": a.image_suffix,
+              "mask_suffix": a.mask_suffix}
+    try:
+        if a.config:
+            from s4mc.config import load_config  # owned by the config module
+            from .loaders import _dataset_type, _get
+            cfg = load_config(a.config, [])
+            dtype = _dataset_type(cfg)
+            root, split = cfg["dataset"]["train"]["data_root"], cfg["dataset"]["train"]["data_list"]
+            n, ignore = int(cfg["net"]["num_classes"]), int(_get(cfg, "dataset.ignore_index", 255))
+            custom = {k: _get(cfg, f"dataset.{k}", v) for k, v in custom.items()}
+            if dtype == "toy":
+                from .toy import ensure_toy
+                ensure_toy(root)
+        else:
+            missing = [f"--{k}" for k in ("type", "root", "list", "num_classes") if getattr(a, k) is None]
+            if missing:
+                ap.error(f"without --config, give {', '.join(m.replace('_', '-') for m in missing)}")
+            dtype, root, split, n, ignore = a.type, a.root, a.list, a.num_classes, a.ignore_index
+        result = prior_for_split(dtype, root, split, n, ignore_index=ignore, neighbors=a.neighbors, **custom)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"E_c over {result['num_images']} labeled images -> {out}: "
+          + " ".join(f"{x:.4f}" for x in result["prior"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
