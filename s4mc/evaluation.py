@@ -65,6 +65,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from .errors import ConfigError, DataError
 
+# Re-exported so callers (eval.py's save hook) find the whole evaluation surface here.
+from .palette import cityscapes_palette, generate_palette, save_prediction, voc_palette  # noqa: F401
+
 __all__ = [
     "EvalResult",
     "evaluate",
@@ -74,6 +77,10 @@ __all__ = [
     "UnpaddedDistributedSampler",
     "build_val_loader",
     "MODES",
+    "save_prediction",
+    "voc_palette",
+    "cityscapes_palette",
+    "generate_palette",
 ]
 
 MODES = ("whole", "center_crop", "sliding")
