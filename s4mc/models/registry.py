@@ -86,7 +86,9 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     if stem not in ("deep", "torchvision"):
         raise ConfigError(f"net.encoder.stem: expected 'deep' or 'torchvision', got {stem!r}")
     enc_kwargs = dict(enc_cfg.get("kwargs") or {})
-    enc_kwargs.pop("stem", None)
+    # stem has its own key; sync_bn is applied later by maybe_sync_bn (release code injected it here).
+    for k in ("stem", "sync_bn"):
+        enc_kwargs.pop(k, None)
     encoder = _call(enc_builder, enc_kwargs, "net.encoder.kwargs", stem=stem)
 
     dec_cfg = net_cfg.get("decoder") or {}
