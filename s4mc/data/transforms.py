@@ -86,8 +86,11 @@ class StrongPhotometric:
 
 
 def resize_pair(image: np.ndarray, label: np.ndarray, height: int, width: int):
+    # INTER_NEAREST_EXACT samples at pixel centres like INTER_LINEAR does; plain
+    # INTER_NEAREST floors (dst * scale) and shifts the label by up to half a source
+    # pixel against the image at non-integer scales.
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+    label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
     return image, label
 
 
