@@ -280,9 +280,9 @@ def test_pretrained_torchvision_by_name(monkeypatch):
 
     monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     with pytest.raises(CheckpointError) as e:
-        load_backbone(resnet101(stem="torchvision"), "torchvision")
+        load_backbone(resnet50(stem="torchvision"), "torchvision")
     msg = str(e.value)
-    assert "https://download.pytorch.org/models/resnet101" in msg and "hub" in msg and "checkpoints" in msg
+    assert "https://download.pytorch.org/models/resnet50" in msg and "hub" in msg and "checkpoints" in msg
     with pytest.raises(CheckpointError, match="stem: torchvision"):
         load_backbone(resnet50(), "torchvision")
 
