@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ SCHEMA: dict = {
             "num_negatives": _k(50, int),
             "num_queries": _k(256, int),
             "temperature": _k(0.5, *NUM),
-            "memory_size": _k(30000, int),
+            "memory_capacity": _k(30000, int),
         },
     },
     "criterion": {
@@ -230,6 +231,7 @@ VALUE_ALIASES: dict[str, dict] = {
 # Release keys that we accept and ignore, because they had no effect or are
 # implied elsewhere (saying so is better than a silent drop).
 IGNORED_KEYS = {
+    "dataset.noise_std": "read by no code path of the release",
     "dataset.train.scale": "no effect in the release either",
     "dataset.val.scale": "no effect in the release either",
     "dataset.train.GaussianBlur": "use dataset.train.strong_aug",
@@ -308,6 +310,7 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "") -> dict:
         dotted = prefix + key
         if key not in schema:
             if dotted in IGNORED_KEYS:
+                logging.getLogger("s4mc").warning("%s: ignoring release key '%s' (%s)", where, dotted, IGNORED_KEYS[dotted])
                 continue
             raise ConfigError(f"{where}: unknown key '{dotted}'{_suggest(dotted)}")
     for key, sub in schema.items():

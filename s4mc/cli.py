@@ -1,0 +1,200 @@
+"""Command lines of `train_semi.py` and `eval.py`; both scripts only call into here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from s4mc.errors import S4MCError
+
+TRAIN_EPILOG = """
+examples:
+  python train_semi.py --config experiments/toy/config.yaml
+  torchrun --nproc_per_node=8 train_semi.py --config experiments/pascal/366/config.yaml --seed 0 --name run1
+  python train_semi.py --config C --resume auto --opts trainer.epochs=10 dataset.batch_size=2
+
+A run writes runs/<name>/: config.yaml (resolved), environment.json (git commit, versions),
+train.log, tensorboard/ events, checkpoints/latest.pth and best.pth, results.json.
+"""
+
+EVAL_EPILOG = """
+examples:
+  python eval.py --config experiments/pascal/366/config.yaml --checkpoint runs/run1/checkpoints/best.pth
+  python eval.py --config C --checkpoint u2pl_ckpt.pth --weights teacher --mode center_crop
+  torchrun --nproc_per_node=4 eval.py --config C --checkpoint P --mode sliding --save-dir preds --overlay
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config of the run (see experiments/)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. trainer.epochs=10 dataset.batch_size=2")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when available (default)")
+    # torch.distributed.launch (legacy) passes one of these; torchrun sets LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+
+
+def default_run_name(config_path: str, seed: int) -> str:
+    """experiments/pascal/366/config.yaml with seed 0 -> pascal_366_seed0 (stable, so --resume auto finds it)."""
+    path = Path(config_path).resolve()
+    parts = path.parent.parts
+    if "experiments" in parts:
+        parts = parts[parts.index("experiments") + 1:]
+    else:
+        parts = parts[-1:]
+    stem = "_".join(parts) if path.stem == "config" else "_".join([*parts, path.stem])
+    return f"{stem or path.stem}_seed{seed}"
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train_semi.py",
+        description="Train S4MC (or the CutMix-Seg / supervised baselines) from one YAML config. "
+        "Works as a single process, under torchrun, or under the legacy torch.distributed.launch.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser)
+    parser.add_argument("--seed", type=int, default=None, help="run seed (default: the config's `seed`, 0)")
+    parser.add_argument("--name", default=None, help="run name, the folder under output_dir "
+                        "(default: derived from the config path and seed)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="auto: continue from <run>/checkpoints/latest.pth if it exists; or a checkpoint path")
+    args = parser.parse_args(argv)
+
+    from s4mc.config import load_config
+    from s4mc.engine.loop import TrainingDiverged, train
+
+    try:
+        overrides = list(args.opts)
+        if args.seed is not None:
+            overrides.append(f"seed={args.seed}")
+        cfg = load_config(args.config, overrides)
+        name = args.name or default_run_name(args.config, cfg["seed"])
+        train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
+              argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except S4MCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; latest.pth was saved", file=sys.stderr)
+        return 130
+    finally:
+        from s4mc.distributed import cleanup
+
+        cleanup()
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Evaluate a checkpoint with the same function training uses. Loads this project's "
+        "checkpoints and U2PL/S4MC ones (module. prefix, teacher_state/model_state).",
+        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pth)")
+    parser.add_argument("--weights", choices=("teacher", "student"), default="teacher",
+                        help="which weights of a training checkpoint to evaluate (default teacher)")
+    parser.add_argument("--mode", choices=("whole", "center_crop", "sliding"), default=None,
+                        help="whole image (default), U2PL's centre crop, or sliding window (Cityscapes)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale inference, e.g. 0.75 1 1.25")
+    parser.add_argument("--flip", action="store_true", default=None, help="add horizontally flipped inference")
+    parser.add_argument("--refine", action="store_true", default=None,
+                        help="also report S4MC test-time neighbour refinement (the release's refine_infer)")
+    parser.add_argument("--save-dir", default=None, help="write a colour-palette PNG per image here")
+    parser.add_argument("--overlay", action="store_true", help="with --save-dir, also write overlays on the image")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: dataset.workers)")
+    args = parser.parse_args(argv)
+
+    overrides = list(args.opts)
+    for key, value in (("evaluation.mode", args.mode), ("evaluation.flip", args.flip),
+                       ("evaluation.refine", args.refine)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.scales is not None:
+        overrides.append(f"evaluation.scales={json.dumps(args.scales)}")
+    from s4mc.distributed import cleanup
+
+    try:
+        result = run_eval(args, overrides)
+    except S4MCError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 0 if result is not None else 1
+
+
+def run_eval(args, overrides: list[str]):
+    """Build the model and validation data from the config, load the checkpoint, evaluate."""
+    import torch
+
+    from s4mc.config import load_config
+    from s4mc.data import build_val_dataset, dataset_info
+    from s4mc.distributed import init_distributed
+    from s4mc.engine.loop import resolve_amp
+    from s4mc.evaluation import build_val_loader, evaluate, format_table, save_prediction
+    from s4mc.logs import setup_logging
+    from s4mc.models import build_model, load_checkpoint
+    from s4mc.priors_table import resolve_prior
+
+    cfg = load_config(args.config, overrides)
+    dist = init_distributed(args.local_rank, args.device)
+    log = setup_logging(dist.rank)
+    info = dataset_info(cfg)
+    model = build_model(cfg["net"])
+    load_checkpoint(model, args.checkpoint, which=args.weights)
+    model.to(dist.device).eval()
+    dataset = build_val_dataset(cfg)
+    workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
+    loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
+                              batch_size=cfg["evaluation"]["batch_size"])
+    ev = cfg["evaluation"]
+    refine = None
+    if ev["refine"]:
+        unsup = cfg["trainer"]["unsupervised"]
+        prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": prior}
+    save_fn = None
+    if args.save_dir:
+        out_dir = Path(args.save_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mean = torch.tensor(cfg["dataset"]["mean"]).view(3, 1, 1)
+        std = torch.tensor(cfg["dataset"]["std"]).view(3, 1, 1)
+
+        def save_fn(image_id, pred, image):
+            name = str(image_id).replace("/", "_").rsplit(".", 1)[0] + ".png"
+            rgb = None
+            if args.overlay and image is not None:
+                rgb = (image.detach().float().cpu() * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            save_prediction(out_dir / name, pred, info.palette, image=rgb)
+
+    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, args.weights, len(dataset), ev["mode"])
+    result = evaluate(
+        model, loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
+        mode=ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
+        stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"], refine=refine, device=dist.device,
+        save_fn=save_fn, distributed=dist.distributed, amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
+        pad_label=cfg["dataset"]["val"]["crop"]["pad_label"],
+    )
+    if dist.is_main:
+        print(format_table(result, info.class_names))
+        if result.refined is not None:
+            print("\nwith S4MC test-time refinement:")
+            print(format_table(result.refined, info.class_names))
+        payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
+                   **result.to_json()}
+        print(json.dumps({"miou": result.miou, "pixel_acc": result.pixel_acc, "images_per_s": result.images_per_s,
+                          "refined_miou": result.refined.miou if result.refined is not None else None}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+    return result

@@ -1,0 +1,1 @@
+"""Training engine: state, one training step, the epoch loop, EMA, schedules, checkpoints."""

@@ -1,0 +1,123 @@
+"""Training checkpoints in the U2PL/S4MC layout, written atomically, with RNG states for exact resume.
+
+A file holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch` and
+`best_miou` like the release's, plus what an exact resume needs: `iteration`,
+`semi_start`, `scaler_state`, `memory_state` and one RNG snapshot per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s4mc.distributed import all_gather_object
+from s4mc.engine.state import TrainState
+from s4mc.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def rng_snapshot(state: TrainState) -> dict:
+    snap = {
+        "torch": torch.get_rng_state(),
+        # Plain lists, so the file loads with weights_only=True.
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "python": random.getstate(),
+        "mixing": state.generator.get_state(),
+    }
+    if state.device.type == "cuda":
+        snap["cuda"] = torch.cuda.get_rng_state(state.device)
+    return snap
+
+
+def restore_rng(state: TrainState, snap: dict) -> None:
+    torch.set_rng_state(snap["torch"])
+    name, keys, pos, has_gauss, cached = snap["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = snap["python"]
+    random.setstate((version, tuple(internal), gauss))
+    state.generator.set_state(snap["mixing"])
+    if state.device.type == "cuda" and "cuda" in snap:
+        torch.cuda.set_rng_state(snap["cuda"], state.device)
+
+
+def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool) -> dict:
+    """Collect the checkpoint dict. Collective: every rank must call it (RNG gather)."""
+    rngs = all_gather_object(rng_snapshot(state))
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_state": state.student_module.state_dict(),
+        "teacher_state": state.teacher.state_dict(),
+        "optimizer_state": state.optimizer.state_dict(),
+        "scaler_state": state.scaler.state_dict() if state.scaler is not None else None,
+        "memory_state": state.memory.state_dict() if state.memory is not None else None,
+        # `epoch` is the next epoch to run when the epoch is done, as U2PL's resume expects.
+        "epoch": epoch + 1 if epoch_done else epoch,
+        "iteration": state.iteration,
+        "semi_start": state.semi_start,
+        "best_miou": state.best_miou,
+        "rng_states": rngs,
+        "world_size": state.dist.world_size,
+    }
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"resume checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    missing = [k for k in ("model_state", "teacher_state", "optimizer_state", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint: it lacks {missing}")
+    return ckpt
+
+
+def restore(state: TrainState, ckpt: dict, path: str) -> None:
+    """Load a training checkpoint into `state` (every rank), strictly."""
+    from s4mc.models.weights import check_state_dict
+
+    def strip(sd):
+        return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+    for module, key, what in ((state.student_module, "model_state", "student"), (state.teacher, "teacher_state", "teacher")):
+        sd = strip(ckpt[key])
+        check_state_dict(module, sd, path, what)
+        module.load_state_dict(sd, strict=True)
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer_state"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
+    if state.scaler is not None and ckpt.get("scaler_state"):
+        state.scaler.load_state_dict(ckpt["scaler_state"])
+    if state.memory is not None and ckpt.get("memory_state") is not None:
+        state.memory.load_state_dict(ckpt["memory_state"])
+    state.epoch = int(ckpt["epoch"])
+    state.iteration = int(ckpt.get("iteration", state.epoch * state.iters_per_epoch))
+    state.semi_start = ckpt.get("semi_start")
+    state.best_miou = float(ckpt.get("best_miou", 0.0))
+    rngs = ckpt.get("rng_states")
+    if rngs and len(rngs) == state.dist.world_size:
+        restore_rng(state, rngs[state.dist.rank])
+    elif rngs:
+        import logging
+
+        logging.getLogger("s4mc").warning(
+            "checkpoint %s was written by %d ranks, this run has %d: RNG streams restart from the seed",
+            path, len(rngs), state.dist.world_size,
+        )

@@ -1,0 +1,23 @@
+"""EMA teacher (SPEC step 11): parameters only, BN buffers stay the teacher's own."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def copy_parameters(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """Make the teacher's parameters a copy of the student's.
+
+    The release assigned `t.data = s.data`, which aliased the tensors and froze
+    the EMA for an epoch; copying keeps two independent sets of weights.
+    """
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.copy_(s)
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
+    """teacher ← τ·teacher + (1 − τ)·student, as two fused multi-tensor ops."""
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)

@@ -1,0 +1,370 @@
+"""The training run: set-up, epochs, evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from s4mc import __version__
+from s4mc.config import dump_config
+from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from s4mc.engine import checkpoint as ckpt_io
+from s4mc.engine.state import TrainState
+from s4mc.engine.step import train_step
+from s4mc.errors import CheckpointError, S4MCError
+from s4mc.logs import Progress, format_duration, log, open_writer, setup_logging
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TrainingDiverged(S4MCError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
+    # Ranks get different streams (dropout, augmentation) but each follows the run seed.
+    torch.manual_seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    random.seed(seed + rank)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int) -> torch.optim.Optimizer:
+    """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (SPEC step 10)."""
+    tr = cfg["trainer"]
+    kwargs = dict(tr["optimizer"]["kwargs"])
+    base_lr = kwargs.pop("lr") * lr_scale(cfg, world_size)
+    head_mult = tr["head_lr_mult"]
+    if head_mult is None:
+        head_mult = 10.0 if cfg["dataset"]["type"] == "pascal" else 1.0
+    backbone = [p for p in model.encoder.parameters() if p.requires_grad]
+    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    groups = [
+        {"params": backbone, "lr": base_lr, "initial_lr": base_lr, "name": "backbone"},
+        {"params": head, "lr": base_lr * head_mult, "initial_lr": base_lr * head_mult, "name": "head"},
+    ]
+    fused = tr["optimizer"]["fused"]
+    on_cuda = backbone[0].is_cuda
+    if fused == "auto":
+        fused = on_cuda
+    extra = {"fused": True} if fused and on_cuda else {}
+    return torch.optim.SGD(groups, lr=base_lr, **kwargs, **extra)
+
+
+def lr_scale(cfg: dict, world_size: int) -> float:
+    """`lr_scaling: linear` multiplies the LR by global batch / reference batch."""
+    if cfg["trainer"]["lr_scaling"] != "linear":
+        return 1.0
+    return cfg["dataset"]["batch_size"] * world_size / cfg["trainer"]["reference_batch"]
+
+
+def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
+    """Compute `rep` only when the contrastive term uses it.
+
+    Its weights stay in the model (and in checkpoints, key for key with the release),
+    but are frozen so DDP does not wait for gradients that never come.
+    """
+    decoder = model.decoder
+    if getattr(decoder, "representation", None) is None:
+        return
+    decoder.rep_head = enabled
+    decoder.representation.requires_grad_(enabled)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_info(run_dir: Path, cfg: dict, dist: DistInfo, argv: list[str]) -> None:
+    dump_config(cfg, run_dir / "config.yaml")
+    info = {
+        "s4mc_version": __version__,
+        "git_commit": git_commit(),
+        "argv": argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+        "world_size": dist.world_size,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+
+
+# --------------------------------------------------------------------------- the run
+def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
+    """Student, teacher, optimizer and the rest, placed on the device."""
+    from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
+    from s4mc.priors_table import resolve_prior
+
+    tr = cfg["trainer"]
+    student = build_model(cfg["net"])
+    if cfg["saver"]["pretrain"]:
+        load_checkpoint(student, cfg["saver"]["pretrain"], which="student")
+        log.info("initialised the student from %s", cfg["saver"]["pretrain"])
+    set_rep_output(student, cfg["trainer"]["contrastive"] is not None)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    channels_last = tr["channels_last"] if tr["channels_last"] != "auto" else dist.device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = maybe_sync_bn(student, cfg["net"]["sync_bn"], dist.distributed, dist.device)
+    teacher = maybe_sync_bn(teacher, cfg["net"]["sync_bn"], dist.distributed, dist.device)
+    student.to(dist.device, memory_format=memory_format)
+    teacher.to(dist.device, memory_format=memory_format)
+    optimizer = build_optimizer(student, cfg, dist.world_size)
+    wrapped = student
+    if dist.distributed:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    amp_dtype = resolve_amp(tr["amp"], dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + dist.rank)
+    prior = resolve_prior(tr["unsupervised"]["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    memory = None
+    if tr["contrastive"] is not None:
+        from s4mc.engine.contrastive_term import build_memory
+
+        memory = build_memory(cfg, dist.device)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = tr["cudnn_benchmark"] and not tr["deterministic"]
+    return TrainState(
+        student=wrapped, teacher=teacher, optimizer=optimizer, device=dist.device,
+        max_iters=tr["epochs"] * iters_per_epoch, iters_per_epoch=iters_per_epoch, generator=generator,
+        amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
+        prior=prior.to(dist.device) if prior is not None else None, memory=memory, dist=dist,
+    )
+
+
+def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> Path | None:
+    if resume is None and cfg["saver"]["auto_resume"]:
+        resume = "auto"
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = run_dir / "checkpoints" / "latest.pth"
+        return latest if latest.is_file() else None
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def _reseed_loader(loader, seed: int, epoch: int, rank: int) -> None:
+    # The loader's generator fixes worker seeds and shuffles: reseeding it per epoch makes
+    # each epoch's data stream a function of (seed, epoch, rank) alone, so a resumed run
+    # sees the same batches as an uninterrupted one.
+    if loader is None:
+        return
+    loader.generator = torch.Generator().manual_seed((seed * 100003 + epoch) * 131 + rank)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
+def evaluate_model(state: TrainState, cfg: dict, val_loader, writer=None, semi: bool = True):
+    """Evaluate the teacher once the semi phase has begun, the student before (SPEC step 12)."""
+    from s4mc.evaluation import evaluate
+
+    ev = cfg["evaluation"]
+    model = state.teacher if semi and state.semi_start is not None else state.student_module
+    crop = ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"]
+    refine = None
+    if ev["refine"]:
+        unsup = cfg["trainer"]["unsupervised"]
+        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": state.prior}
+    result = evaluate(
+        model, val_loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
+        mode=ev["mode"], crop_size=crop, stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"],
+        refine=refine, device=state.device, amp_dtype=state.amp_dtype,
+        pad_label=cfg["dataset"]["val"]["crop"]["pad_label"], distributed=state.dist.distributed,
+    )
+    return result
+
+
+def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
+          local_rank: int | None = None, argv: list[str] | None = None) -> dict:
+    """Run training as configured; returns the final evaluation as a JSON-able dict."""
+    from s4mc.data import build_train_loaders, build_val_dataset, dataset_info
+    from s4mc.evaluation import build_val_loader, format_table
+
+    dist = init_distributed(local_rank, device)
+    tr = cfg["trainer"]
+    run_dir = Path(cfg["output_dir"]) / name
+    if dist.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    barrier()
+    setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
+    if dist.is_main:
+        write_run_info(run_dir, cfg, dist, argv or sys.argv)
+    seed_everything(cfg["seed"], dist.rank, tr["deterministic"])
+    log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
+
+    sup_only = tr["mode"] == "sup"
+    loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
+                                  labeled_only=sup_only)
+    labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
+    partner_loader = None
+    if not sup_only and cfg["dataset"]["batch_size"] == 1 and tr["unsupervised"]["mixing"] in ("cutmix", "classmix"):
+        # A per-GPU batch of 1 has nobody to mix with: draw partners from a second,
+        # differently shuffled pass over the unlabeled set.
+        partner_loader = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size,
+                                             seed=cfg["seed"] + 7919).unlabeled
+    main_loader = labeled_loader if sup_only else unlabeled_loader
+    iters_per_epoch = len(main_loader)
+    if iters_per_epoch == 0:
+        raise S4MCError("the training loader is empty: fewer images than dataset.batch_size × GPUs")
+    info = dataset_info(cfg)
+    val_loader = None
+    if tr["eval_on"]:
+        val_loader = build_val_loader(build_val_dataset(cfg), rank=dist.rank, world_size=dist.world_size,
+                                      workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
+
+    state = build_state(cfg, dist, iters_per_epoch)
+    writer = open_writer(run_dir) if dist.is_main else None
+    resume_path = find_resume(resume, run_dir, cfg)
+    if resume_path is not None:
+        ckpt_io.restore(state, ckpt_io.load_training_checkpoint(resume_path), str(resume_path))
+        log.info("resumed from %s at epoch %d, iteration %d (best mIoU %.2f)",
+                 resume_path, state.epoch + 1, state.iteration, 100 * state.best_miou)
+    elif resume == "auto":
+        log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+
+    total_iters = tr["epochs"] * iters_per_epoch
+    stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
+    images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * (1 if sup_only else 2)
+    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer)
+    log.info("%d epochs × %d iterations, batch %d labeled + %d unlabeled per process, amp %s, channels_last %s",
+             tr["epochs"], iters_per_epoch, cfg["dataset"]["batch_size"],
+             0 if sup_only else cfg["dataset"]["batch_size"], state.amp_dtype or "off", state.channels_last)
+
+    debug: dict = {}
+
+    def reduce_metrics(local: dict) -> dict:
+        reduced = all_reduce_mean(local)
+        if os.environ.get("S4MC_DEBUG_DUMP"):
+            debug["local_metrics"] = {k: float(v) for k, v in local.items()}
+            debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
+        return reduced
+
+    def save(filename: str, epoch: int, epoch_done: bool) -> None:
+        check_finite(state)
+        payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done)
+        if dist.is_main:
+            ckpt_io.save_atomic(payload, run_dir / "checkpoints" / filename)
+
+    last_result = None
+    start_time = time.perf_counter()
+    try:
+        for epoch in range(state.epoch, tr["epochs"]):
+            if state.iteration >= stop_at:
+                break
+            state.epoch = epoch
+            for loader in (main_loader, labeled_loader, partner_loader):
+                _reseed_loader(loader, cfg["seed"], epoch, dist.rank)
+            done_in_epoch = state.iteration - epoch * iters_per_epoch
+            if sup_only:
+                batches = ((b, None, None) for b in labeled_loader)
+            elif partner_loader is not None:
+                batches = zip(labeled_loader, unlabeled_loader, partner_loader)
+            else:
+                batches = ((l, u, None) for l, u in zip(labeled_loader, unlabeled_loader))
+            if done_in_epoch > 0:
+                # Resuming mid-epoch: replay the epoch's data stream up to where it stopped.
+                batches = itertools.islice(batches, done_in_epoch, None)
+            for labeled, unlabeled, partner in batches:
+                metrics = train_step(state, labeled, unlabeled, cfg, partner)
+                progress.update(metrics)
+                if progress.due(state.iteration):
+                    check_finite(state)
+                    progress.emit(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration, reduce=reduce_metrics)
+                if tr["save_every"] and state.iteration % tr["save_every"] == 0:
+                    save("latest.pth", epoch, epoch_done=False)
+                if state.iteration >= stop_at:
+                    break
+            epoch_done = state.iteration >= (epoch + 1) * iters_per_epoch
+            last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= stop_at
+            if val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
+                semi = not sup_only and epoch >= tr["sup_only_epoch"]
+                last_result = evaluate_model(state, cfg, val_loader, writer, semi=semi)
+                improved = last_result.miou > state.best_miou
+                state.best_miou = max(state.best_miou, last_result.miou)
+                log.info("epoch %d: mIoU %.2f (best %.2f) in %.1fs", epoch + 1, 100 * last_result.miou,
+                         100 * state.best_miou, last_result.seconds)
+                if writer is not None:
+                    writer.add_scalar("val/mIoU", 100 * last_result.miou, state.iteration)
+                    for cls, iou in zip(info.class_names, last_result.iou):
+                        if iou == iou:  # NaN marks a class absent from prediction and ground truth
+                            writer.add_scalar(f"val/IoU/{cls}", 100 * iou, state.iteration)
+                if improved:
+                    save("best.pth", epoch, epoch_done=True)
+            save("latest.pth", epoch, epoch_done=epoch_done)
+    except KeyboardInterrupt:
+        log.warning("interrupted at iteration %d: saving latest.pth before exiting", state.iteration)
+        save("latest.pth", state.epoch, epoch_done=False)
+        raise
+    finally:
+        if writer is not None:
+            writer.flush()
+
+    if os.environ.get("S4MC_DEBUG_DUMP"):
+        # Test hook: every rank writes its own parameters and last metrics, so a test can
+        # check that DDP kept the ranks identical and that logged metrics are rank means.
+        debug["params"] = {k: v.detach().cpu().clone() for k, v in state.student_module.named_parameters()}
+        torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
+    elapsed = time.perf_counter() - start_time
+    summary = {"run_dir": str(run_dir), "iterations": state.iteration, "seconds": elapsed,
+               "best_miou": state.best_miou}
+    if last_result is not None:
+        log.info("final evaluation (%s, %s):\n%s", cfg["evaluation"]["mode"],
+                 "teacher" if state.semi_start is not None else "student",
+                 format_table(last_result, info.class_names))
+        summary["final"] = last_result.to_json()
+        if dist.is_main:
+            (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
+    return summary
+
+
+def check_finite(state: TrainState) -> None:
+    """Stop the run if any step since the last check produced a non-finite loss."""
+    if state.first_nonfinite is None:
+        return
+    flag = state.first_nonfinite.clone()
+    if state.dist.distributed:
+        # Every rank must stop together, or the others would wait forever in a collective.
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    bad = int(flag)
+    if bad >= 0:
+        raise TrainingDiverged(
+            f"the loss became non-finite at iteration {bad}; stopping. The last good checkpoint "
+            f"(latest.pth / best.pth in the run's checkpoints folder) was not overwritten."
+        )

@@ -1,0 +1,50 @@
+"""Everything a training step reads and changes, in one object."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from s4mc.distributed import DistInfo
+
+
+@dataclass
+class TrainState:
+    student: nn.Module  # possibly wrapped in DistributedDataParallel
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    max_iters: int  # length of the poly schedule: epochs × iterations per epoch
+    iters_per_epoch: int
+    generator: torch.Generator  # mixing randomness; seeded per rank so ranks draw different boxes
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+    prior: torch.Tensor | None = None  # neighbour prior E_c on the device
+    memory: object | None = None  # U2PL contrastive memory bank, when that term is on
+    dist: DistInfo = field(default_factory=DistInfo)
+    epoch: int = 0
+    iteration: int = 0  # global iteration count, across epochs
+    semi_start: int | None = None  # t0 of the EMA schedule, set on the first semi-supervised step
+    best_miou: float = 0.0
+    # First iteration whose loss was not finite, kept on the device so the step never
+    # synchronises; the loop reads it when it logs or saves (-1 = none yet).
+    first_nonfinite: torch.Tensor | None = None
+
+    @property
+    def student_module(self) -> nn.Module:
+        return getattr(self.student, "module", self.student)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, tensor: torch.Tensor, image: bool = False) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if image and self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor

@@ -1,0 +1,116 @@
+"""Console progress and TensorBoard scalars, from rank 0 only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("s4mc")
+
+
+def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logger:
+    """Rank 0 logs INFO to the console (and the run's log file); other ranks only warnings."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if log_file is not None and rank == 0:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """Averages step metrics on the device and prints one line every `every` iterations.
+
+    Summing stays on the device; the only host read is at print time, once per
+    `every` steps, which is also when a non-finite loss is detected.
+    """
+
+    def __init__(self, total_iters: int, images_per_iter: int, every: int, writer=None):
+        self.total_iters = total_iters
+        self.images_per_iter = images_per_iter
+        self.every = max(1, every)
+        self.writer = writer
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.run_start = time.perf_counter()
+        self.start_iter: int | None = None
+
+    def update(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.count += 1
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.every == 0 or iteration == self.total_iters
+
+    def emit(self, *, epoch: int, epochs: int, iteration: int, reduce=None) -> dict[str, float]:
+        """Print and log the averages since the last call; return them as floats."""
+        if self.start_iter is None:
+            self.start_iter = iteration - self.count
+        means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        if reduce is not None:
+            means = reduce(means)
+        values = {k: float(v) for k, v in means.items()}
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        values["images_per_s"] = self.count * self.images_per_iter / max(elapsed, 1e-9)
+        done = iteration - self.start_iter
+        rate = (now - self.run_start) / max(done, 1)
+        eta = rate * (self.total_iters - iteration)
+        mem = ""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            values["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            mem = f" mem {values['peak_mem_gb']:.1f}G"
+        parts = [f"loss {values.get('loss', float('nan')):.4f}", f"sup {values.get('loss_sup', float('nan')):.4f}"]
+        if "loss_unsup" in values:
+            parts.append(f"unsup {values['loss_unsup']:.4f}")
+        if "loss_contrastive" in values:
+            parts.append(f"con {values['loss_contrastive']:.4f}")
+        if "threshold" in values:
+            parts.append(f"γ {values['threshold']:.3f}")
+            parts.append(f"kept {100 * values['kept_fraction']:.1f}% (unrefined {100 * values['kept_fraction_unrefined']:.1f}%)")
+        if "kept_accuracy" in values:
+            parts.append(f"acc {100 * values['kept_accuracy']:.1f}% (unrefined {100 * values['kept_accuracy_unrefined']:.1f}%)")
+        log.info(
+            "epoch %d/%d iter %d/%d (%.1f%%) | %s | lr %.2e | %.1f img/s%s | eta %s",
+            epoch + 1, epochs, iteration, self.total_iters, 100.0 * iteration / self.total_iters,
+            " ".join(parts), values.get("lr", float("nan")), values["images_per_s"], mem, format_duration(eta),
+        )
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, iteration)
+        self.sums, self.count, self.window_start = {}, 0, now
+        return values
+
+
+def open_writer(run_dir: Path):
+    """A TensorBoard writer under the run directory (None if tensorboard is missing)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is in requirements.txt
+        log.warning("tensorboard is not installed: no event files will be written")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

@@ -1,0 +1,295 @@
+"""The training loop on the CPU: a few toy iterations, single process and under torchrun (gloo),
+exact resume, non-finite loss handling, the LR schedule, and release-config compatibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from s4mc.config import load_config
+from s4mc.data.toy import generate_toy
+from s4mc.engine import loop as loop_mod
+from s4mc.engine.schedule import ema_momentum, poly_lr
+from s4mc.engine.step import train_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    generate_toy(root, seed=0, num_train=24, num_labeled=8, num_val=5, size=48)
+    return root
+
+
+def toy_cfg(root: Path, out: Path, **overrides) -> dict:
+    data = {
+        "seed": 0,
+        "output_dir": str(out),
+        "dataset": {
+            "type": "toy",
+            "batch_size": 2,
+            "workers": 0,
+            "train": {
+                "data_root": str(root),
+                "data_list": str(root / "splits" / "labeled.txt"),
+                "rand_resize": [0.75, 1.25],
+                "crop": {"type": "rand", "size": [40, 40]},
+            },
+            "val": {"data_root": str(root), "data_list": str(root / "splits" / "val.txt")},
+        },
+        "trainer": {
+            "epochs": 2,
+            "sup_only_epoch": 0,
+            "log_every": 2,
+            "deterministic": True,
+            "optimizer": {"kwargs": {"lr": 0.01}},
+            "unsupervised": {"neighborhood_size": 8, "neighbor_prior": "none"},
+        },
+        "net": {
+            "num_classes": 6,
+            "sync_bn": False,
+            "encoder": {"type": "resnet_tiny", "kwargs": {"width": 8}},
+            "decoder": {"kwargs": {"inner_planes": 16, "low_conv_planes": 16, "dilations": [2, 4, 6]}},
+        },
+    }
+    opts = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    return load_config(None, opts, data=data)
+
+
+def flat_state(sd: dict) -> dict:
+    return {k: v.float() for k, v in sd.items() if v.dtype.is_floating_point}
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_toy_run_writes_run_directory_and_evaluates(toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.epochs": 1})
+    summary = loop_mod.train(cfg, name="smoke")
+    run = tmp_path / "smoke"
+    for name in ("config.yaml", "environment.json", "train.log", "results.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "latest.pth").is_file()
+    assert list((run / "tensorboard").iterdir()), "no TensorBoard events written"
+    env = json.loads((run / "environment.json").read_text())
+    assert env["git_commit"] and env["torch"] == torch.__version__
+    assert summary["iterations"] == 3
+    final = summary["final"]
+    assert 0.0 <= final["miou"] <= 1.0 and final["num_images"] == 5
+    ckpt = torch.load(run / "checkpoints" / "latest.pth", weights_only=True)
+    for key in ("model_state", "teacher_state", "optimizer_state", "epoch", "best_miou", "iteration"):
+        assert key in ckpt
+    # The teacher is an EMA of the student, not an alias of it (release bug).
+    student, teacher = ckpt["model_state"], ckpt["teacher_state"]
+    assert any(not torch.equal(student[k], teacher[k]) for k in student if k.endswith("weight"))
+
+
+def test_resume_continues_exactly(toy_root, tmp_path):
+    """k+m iterations in one go == k iterations, stop, resume for m (mid-epoch)."""
+    k, m = 3, 4
+    straight = toy_cfg(toy_root, tmp_path / "a", **{"trainer.max_iters": k + m, "trainer.eval_on": False})
+    loop_mod.train(straight, name="run")
+    first = toy_cfg(toy_root, tmp_path / "b", **{"trainer.max_iters": k, "trainer.eval_on": False,
+                                                 "trainer.save_every": k})
+    loop_mod.train(first, name="run")
+    second = toy_cfg(toy_root, tmp_path / "b", **{"trainer.max_iters": k + m, "trainer.eval_on": False})
+    loop_mod.train(second, name="run", resume="auto")
+    a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "latest.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "run" / "checkpoints" / "latest.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == k + m
+    assert_states_equal(flat_state(a["model_state"]), flat_state(b["model_state"]))
+    assert_states_equal(flat_state(a["teacher_state"]), flat_state(b["teacher_state"]))
+    for ga, gb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+        assert torch.equal(ga["momentum_buffer"], gb["momentum_buffer"])
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path, monkeypatch):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 2, "trainer.log_every": 1})
+    calls = {"n": 0}
+
+    def poisoned(state, labeled, unlabeled, cfg, partner=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            labeled = dict(labeled, image=torch.full_like(labeled["image"], float("nan")))
+        return train_step(state, labeled, unlabeled, cfg, partner)
+
+    monkeypatch.setattr(loop_mod, "train_step", poisoned)
+    with pytest.raises(loop_mod.TrainingDiverged, match="non-finite at iteration 3"):
+        loop_mod.train(cfg, name="nan")
+    ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pth", weights_only=True)
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in flat_state(ckpt["model_state"]).values())
+
+
+def test_poly_lr_and_head_multiplier(toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.head_lr_mult": 10, "trainer.optimizer.kwargs.lr": 0.02})
+    dist = loop_mod.DistInfo()
+    state = loop_mod.build_state(cfg, dist, iters_per_epoch=6)
+    from s4mc.data import build_train_loaders
+
+    tl = build_train_loaders(cfg, seed=0)
+    for i, (lab, unl) in enumerate(zip(tl.labeled, tl.unlabeled)):
+        if i == 3:
+            break
+        metrics = train_step(state, lab, unl, cfg)
+        expected = 0.02 * (1 - i / state.max_iters) ** 0.9
+        assert metrics["lr"].item() == pytest.approx(expected)
+        backbone, head = state.optimizer.param_groups
+        assert backbone["lr"] == pytest.approx(expected)
+        assert head["lr"] == pytest.approx(10 * expected)
+    assert poly_lr(1.0, 0, 10) == 1.0 and poly_lr(1.0, 5, 10) == pytest.approx(0.5**0.9)
+    assert ema_momentum(7, 7, 0.99) == 0.0 and ema_momentum(1000, 7, 0.99) == 0.99
+
+
+def test_supervised_only_mode(toy_root, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup", "trainer.max_iters": 2, "trainer.epochs": 1})
+    summary = loop_mod.train(cfg, name="sup")
+    assert summary["iterations"] == 2 and "final" in summary
+
+
+def test_release_config_keys_load(tmp_path):
+    """A config.yml with the release's key names (rebuilt from SPEC.md's key table) loads."""
+    release = {
+        "dataset": {
+            "type": "pascal_semi",
+            "train": {
+                "data_root": "../../../../data/VOC2012",
+                "data_list": "../../../../data/splits/pascal/1464/labeled.txt",
+                "flip": True,
+                "GaussianBlur": False,
+                "rand_resize": [0.5, 2.0],
+                "crop": {"type": "rand", "size": [513, 513]},
+            },
+            "val": {
+                "data_root": "../../../../data/VOC2012",
+                "data_list": "../../../../data/splits/pascal/val.txt",
+                "crop": {"type": "center", "size": [513, 513]},
+            },
+            "batch_size": 1,
+            "n_sup": 1464,
+            "noise_std": 0.1,
+            "workers": 2,
+            "mean": [123.675, 116.28, 103.53],
+            "std": [58.395, 57.12, 57.375],
+            "ignore_label": 255,
+        },
+        "trainer": {
+            "epochs": 80,
+            "eval_on": True,
+            "optimizer": {"type": "SGD", "kwargs": {"lr": 0.001, "momentum": 0.9, "weight_decay": 0.0001}},
+            "lr_scheduler": {"mode": "poly", "kwargs": {"power": 0.9}},
+            "unsupervised": {
+                "TTA": False,
+                "drop_percent": 60,
+                "apply_aug": "cutmix",
+                "neigborhood_size": 4,
+                "n_neigbors": 1,
+                "indicator": "margin",
+            },
+            "contrastive": {
+                "negative_high_entropy": True,
+                "low_rank": 3,
+                "high_rank": 20,
+                "current_class_threshold": 0.3,
+                "current_class_negative_threshold": 1,
+                "unsupervised_entropy_ignore": 80,
+                "low_entropy_threshold": 20,
+                "num_negatives": 50,
+                "num_queries": 256,
+                "temperature": 0.5,
+            },
+        },
+        "saver": {"snapshot_dir": "checkpoints", "pretrain": ""},
+        "criterion": {"type": "CELoss", "kwargs": {"use_weight": False}},
+        "net": {
+            "num_classes": 21,
+            "sync_bn": True,
+            "ema_decay": 0.99,
+            "encoder": {
+                "type": "u2pl.models.resnet.resnet101",
+                "kwargs": {
+                    "multi_grid": True,
+                    "zero_init_residual": True,
+                    "fpn": True,
+                    "replace_stride_with_dilation": [False, True, True],
+                },
+            },
+            "decoder": {
+                "type": "u2pl.models.decoder.dec_deeplabv3_plus",
+                "kwargs": {"inner_planes": 256, "dilations": [12, 24, 36]},
+            },
+        },
+        "main_mode": {"eval": False, "compare": False},
+    }
+    folder = tmp_path / "experiments" / "pascal" / "1464" / "ours"
+    folder.mkdir(parents=True)
+    path = folder / "config.yml"
+    path.write_text(yaml.safe_dump(release))
+    cfg = load_config(path)
+    unsup = cfg["trainer"]["unsupervised"]
+    assert (unsup["keep_percent"], unsup["mixing"], unsup["neighborhood_size"], unsup["num_neighbors"]) == (
+        60, "cutmix", 4, 1)
+    assert cfg["dataset"]["type"] == "pascal" and cfg["trainer"]["contrastive"]["num_queries"] == 256
+    assert cfg["dataset"]["train"]["data_root"] == str((tmp_path / "data" / "VOC2012").resolve())
+    from s4mc.models import build_model
+
+    model = build_model(cfg["net"])  # release type strings reach the same builders
+    assert sum(p.numel() for p in model.parameters()) == 64_459_989
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(toy_root, tmp_path):
+    """Two CPU ranks: equal parameters after steps, only rank 0 writes, metrics reduced."""
+    cfg_path = tmp_path / "toy.yaml"
+    data = yaml.safe_load((REPO / "experiments" / "toy" / "config.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "runs")
+    data["dataset"]["workers"] = 0
+    data["dataset"]["batch_size"] = 2
+    for split in ("train", "val"):
+        data["dataset"][split]["data_root"] = str(toy_root)
+    data["dataset"]["train"]["data_list"] = str(toy_root / "splits" / "labeled.txt")
+    data["dataset"]["val"]["data_list"] = str(toy_root / "splits" / "val.txt")
+    data["dataset"]["train"]["crop"]["size"] = [40, 40]
+    data["trainer"].update({"epochs": 1, "sup_only_epoch": 0, "max_iters": 3, "log_every": 1})
+    data["net"]["encoder"]["kwargs"]["width"] = 8
+    cfg_path.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), S4MC_DEBUG_DUMP="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(REPO / "train_semi.py"), "--config", str(cfg_path), "--name", "ddp", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    ckpt = torch.load(run / "checkpoints" / "latest.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_states"]) == 2
+    # Only rank 0 logs to the console and writes files: one log line per iteration, one run dir.
+    assert proc.stdout.count("iter 3/") == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
+    # Rank 1 writes its parameters next to rank 0's through the test hook; they must match.
+    results = json.loads((run / "results.json").read_text())
+    assert results["final"]["num_images"] == 5  # every validation image counted once across ranks
+    dumps = [torch.load(run / f"debug_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_states_equal(dumps[0]["params"], dumps[1]["params"])
+    # The logged metrics are the mean over ranks of each rank's own values.
+    local0, local1 = dumps[0]["local_metrics"], dumps[1]["local_metrics"]
+    assert local0["loss"] != local1["loss"]  # different data per rank
+    for key in ("loss", "loss_unsup", "kept_fraction"):
+        assert dumps[0]["reduced_metrics"][key] == pytest.approx((local0[key] + local1[key]) / 2, rel=1e-6)
+        assert dumps[1]["reduced_metrics"][key] == pytest.approx(dumps[0]["reduced_metrics"][key], rel=1e-6)
