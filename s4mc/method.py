@@ -52,8 +52,18 @@ def indicator_map(prob, indicator="margin"):
     """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (SPEC steps 5 and 7)."""
     _check_indicator(indicator)
     if indicator == "margin":
-        top2 = prob.topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
+        if prob.shape[1] < 2:
+            raise ValueError(f"the margin indicator needs at least 2 classes, got shape {tuple(prob.shape)}")
+        # A running top-2 over the classes: exact like topk, and much faster than topk over
+        # a strided dimension.
+        first = prob[:, 0].clone()
+        second = torch.full_like(first, -math.inf)
+        smaller = torch.empty_like(first)
+        for c in range(1, prob.shape[1]):
+            torch.minimum(first, prob[:, c], out=smaller)
+            torch.maximum(first, prob[:, c], out=first)
+            torch.maximum(second, smaller, out=second)
+        return first.sub_(second)
     if indicator == "confidence":
         return prob.amax(dim=1)
     return -(prob * torch.log(prob + 1e-10)).sum(dim=1)
@@ -62,30 +72,52 @@ def indicator_map(prob, indicator="margin"):
 def threshold(indicator_map, valid, percent):
     """numpy.percentile(indicator_map[valid], percent) ("linear"), as a float64 0-dim tensor.
 
-    SPEC step 5. Invalid pixels are pushed to +inf so that the first `n_valid` entries of
-    the sorted map are exactly the valid values, and the two order statistics are picked
-    with device-side indices: no boolean indexing (which syncs on CUDA) and no size limit
-    (unlike torch.quantile). With no valid pixel the result is 0.
+    SPEC step 5. Works on any size (unlike torch.quantile) and, off the CPU, never syncs
+    with the host: see `_order_statistics`. With no valid pixel the result is 0.
     """
     if indicator_map.shape != valid.shape:
         raise ValueError(f"indicator map {tuple(indicator_map.shape)} and valid mask "
                          f"{tuple(valid.shape)} differ in shape")
     if not 0.0 <= float(percent) <= 100.0:
         raise ValueError(f"percentile must lie in [0, 100], got {percent!r}")
-    valid = valid.reshape(-1)
     values = indicator_map.detach().reshape(-1).to(torch.float64)
+    valid = valid.reshape(-1)
+    if values.device.type == "cpu":
+        a, b, t, any_valid = _order_statistics_cpu(values, valid, float(percent))
+    else:
+        a, b, t, any_valid = _order_statistics(values, valid, float(percent))
+    # numpy's _lerp: interpolate from the nearer end, so t=1 returns b exactly.
+    diff = b - a
+    value = torch.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)
+    return torch.where(any_valid, value, torch.zeros_like(value))
+
+
+def _order_statistics(values, valid, percent):
+    """Device path: invalid entries go to +inf so the first n_valid sorted values are the
+    valid ones, and both order statistics are gathered with device-side indices (boolean
+    indexing or .item() would sync)."""
     values = values.masked_fill(~valid, math.inf).sort().values
     last = (valid.sum() - 1).clamp(min=0)
-    position = last.to(torch.float64) * (float(percent) / 100.0)
+    position = last.to(torch.float64) * (percent / 100.0)
     lo = position.floor().long()
     hi = (lo + 1).clamp(max=last)
     a = values.index_select(0, lo.reshape(1))[0]
     b = values.index_select(0, hi.reshape(1))[0]
-    t = position - lo.to(torch.float64)
-    # numpy's _lerp: interpolate from the nearer end, so t=1 returns b exactly.
-    diff = b - a
-    value = torch.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)
-    return torch.where(valid.any(), value, torch.zeros_like(value))
+    return a, b, position - lo.to(torch.float64), valid.any()
+
+
+def _order_statistics_cpu(values, valid, percent):
+    """CPU path: syncs are free here, and selection (kthvalue) beats a full sort."""
+    values = values[valid]
+    n = values.numel()
+    if n == 0:
+        zero = torch.zeros((), dtype=torch.float64)
+        return zero, zero, zero, torch.tensor(False)
+    position = (n - 1) * (percent / 100.0)
+    lo = math.floor(position)
+    a = values.kthvalue(lo + 1).values
+    b = values.kthvalue(lo + 2).values if lo + 1 < n else a
+    return a, b, torch.tensor(position - lo, dtype=torch.float64), torch.tensor(True)
 
 
 def _resolve_prior(prior, num_classes, like):
@@ -99,11 +131,11 @@ def _resolve_prior(prior, num_classes, like):
 
 
 def refine(prob, neighbors=4, k=1, prior=None):
-    """Neighbour refinement (PLR) of probabilities [B,C,H,W], SPEC step 6.
+    """Neighbour refinement (PLR) of probabilities [B,C,H,W] (non-negative), SPEC step 6.
 
     For every class, the k largest neighbour probabilities q (zero-padded borders) are
-    folded in descending order: p <- p + beta*q - beta*max(p*q, p*E). The result is not
-    renormalised. Computed in at least fp32.
+    folded in descending order: p <- p + beta*q - beta*max(p*q, p*E), E the per-class
+    prior [C] (None: 0). The result is not renormalised. Computed in at least fp32.
     """
     if neighbors not in _NEIGHBOUR_OFFSETS:
         raise ConfigError(f"neighbors must be 4 or 8, got {neighbors!r}")
@@ -115,22 +147,37 @@ def refine(prob, neighbors=4, k=1, prior=None):
     if p.dtype not in (torch.float32, torch.float64):
         p = p.float()
     height, width = p.shape[-2:]
-    padded = F.pad(p, (1, 1, 1, 1))
-    # A running top-k by insertion: 2k max/min ops per neighbour instead of materialising
-    # a [neighbours, B, C, H, W] stack and sorting it.
-    top = []
-    for dy, dx in _NEIGHBOUR_OFFSETS[neighbors]:
-        v = padded[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
-        for j in range(len(top)):
-            top[j], v = torch.maximum(top[j], v), torch.minimum(top[j], v)
-        if len(top) < k:
-            top.append(v)
+    # Running top-k by insertion into k buffers, updated in place on shifted slices: no
+    # padded copy and no [neighbours, B, C, H, W] stack to sort. Starting the buffers at 0
+    # is exactly zero padding because probabilities are non-negative.
+    top = [torch.zeros_like(p) for _ in range(k)]
+    for offset in _NEIGHBOUR_OFFSETS[neighbors]:
+        target, source = _shifted_slices(offset, height, width)
+        v = p[source]
+        for j, slot in enumerate(top):
+            slot = slot[target]
+            pushed_out = torch.minimum(slot, v) if j + 1 < k else None
+            torch.maximum(slot, v, out=slot)
+            if pushed_out is None:
+                break
+            v = pushed_out
     e = _resolve_prior(prior, p.shape[1], p)
     for q in top:
+        refined = torch.add(p, q, alpha=BETA)
         # p >= 0, so p*max(q, E) == max(p*q, p*E) exactly (rounding is monotone).
-        joint = p * (q if e is None else torch.maximum(q, e))
-        p = p + BETA * q - BETA * joint
+        if e is not None:
+            torch.maximum(q, e, out=q)
+        p = refined.sub_(q.mul_(p), alpha=BETA)
     return p
+
+
+def _shifted_slices(offset, height, width):
+    """Index tuples (target, source) such that target pixel x reads its neighbour x + offset."""
+    def span(d, n):
+        return slice(max(-d, 0), n - max(d, 0)), slice(max(d, 0), n - max(-d, 0))
+
+    (target_y, source_y), (target_x, source_x) = span(offset[0], height), span(offset[1], width)
+    return (..., target_y, target_x), (..., source_y, source_x)
 
 
 _refine = refine  # pseudo_label_target's `refine` flag shadows the function

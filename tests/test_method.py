@@ -67,8 +67,16 @@ def test_prior_tables_equal_reference():
 
 # ---------------------------------------------------------------- threshold
 
+@pytest.fixture(params=["cpu-selection", "device-sort"])
+def percentile_path(request, monkeypatch):
+    """Run a threshold test through both implementations (the sort path is the GPU one)."""
+    if request.param == "device-sort":
+        monkeypatch.setattr(method, "_order_statistics_cpu", method._order_statistics)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_threshold_equals_numpy_percentile(seed):
+def test_threshold_equals_numpy_percentile(seed, percentile_path):
     g = torch.Generator().manual_seed(seed)
     size = (2, 7, 9) if seed % 2 else (1, 1, 3)
     values = torch.rand(size, generator=g, dtype=torch.float64)
@@ -83,7 +91,7 @@ def test_threshold_equals_numpy_percentile(seed):
         assert float(got) == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
 
 
-def test_threshold_of_float32_map_and_empty_mask():
+def test_threshold_of_float32_map_and_empty_mask(percentile_path):
     values = torch.rand(3, 4, 5)
     valid = torch.ones(3, 4, 5, dtype=torch.bool)
     expected = np.percentile(values.numpy().astype(np.float64), 40)
@@ -92,7 +100,7 @@ def test_threshold_of_float32_map_and_empty_mask():
 
 
 @pytest.mark.slow
-def test_threshold_above_quantile_size_limit():
+def test_threshold_above_quantile_size_limit(percentile_path):
     g = torch.Generator().manual_seed(0)
     values = torch.rand(2**24 + 1000, generator=g)
     valid = torch.ones(values.shape, dtype=torch.bool)
