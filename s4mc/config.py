@@ -226,7 +226,10 @@ ALIASES: dict[str, str] = {
 # Values the release wrote that mean one of ours.
 VALUE_ALIASES: dict[str, dict] = {
     "dataset.type": {"pascal_semi": "pascal", "cityscapes_semi": "cityscapes"},
-    "trainer.unsupervised.mixing": {"": "none", None: "none"},
+    "trainer.unsupervised.mixing": {"": "none", None: "none", False: "none"},
+    # YAML 1.1 reads a bare `off` as false.
+    "trainer.amp": {False: "off", None: "off"},
+    "trainer.lr_scaling": {False: "none", None: "none"},
 }
 # Release keys that we accept and ignore, because they had no effect or are
 # implied elsewhere (saying so is better than a silent drop).
