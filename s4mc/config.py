@@ -106,6 +106,7 @@ SCHEMA: dict = {
         "eval_every": _k(1, int),
         "log_every": _k(20, int),
         "save_every": _k(0, int),
+        "image_every": _k(500, int),
         "max_iters": _k(None, int, NONE),
         "mode": _k("semi", str, choices=("semi", "sup")),
         "amp": _k("auto", str, choices=("auto", "bf16", "fp16", "off")),

@@ -92,6 +92,8 @@ class Progress:
         if "threshold" in values:
             parts.append(f"γ {values['threshold']:.3f}")
             parts.append(f"kept {100 * values['kept_fraction']:.1f}% (unrefined {100 * values['kept_fraction_unrefined']:.1f}%)")
+        if "flipped_to_keep" in values:
+            parts.append(f"refine +{values['flipped_to_keep']:.0f}/-{values['flipped_to_drop']:.0f} px")
         if "kept_accuracy" in values:
             parts.append(f"acc {100 * values['kept_accuracy']:.1f}% (unrefined {100 * values['kept_accuracy_unrefined']:.1f}%)")
         log.info(
@@ -114,3 +116,25 @@ def open_writer(run_dir: Path):
         log.warning("tensorboard is not installed: no event files will be written")
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def log_visuals(writer, visuals: dict, palette, mean, std, ignore_index: int, step: int) -> None:
+    """Write image | teacher prediction | masked pseudo-label | ground truth rows to TensorBoard.
+
+    Ignored pixels (dropped by the S4MC mask, or unlabeled) are drawn black.
+    """
+    colours = torch.tensor(palette, dtype=torch.uint8)
+    black = torch.zeros(3, dtype=torch.uint8)
+
+    def colour(label):
+        label = label.long()
+        valid = (label != ignore_index) & (label < len(colours))
+        rgb = colours[label.clamp(0, len(colours) - 1)]
+        rgb[~valid] = black
+        return rgb.permute(0, 3, 1, 2)
+
+    image = visuals["image"] * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    rows = [image.clamp(0, 255).to(torch.uint8)]
+    rows += [colour(visuals[key]) for key in ("prediction", "pseudo_label", "ground_truth")]
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # samples across, kinds down
+    writer.add_image("unlabeled/image|teacher|pseudo-label|ground-truth", grid, step)

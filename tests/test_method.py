@@ -306,3 +306,20 @@ def test_no_host_sync_on_cuda():
                                                    neighbors=8, k=2, prior=prior.cpu(), ground_truth=label.cpu())
     assert float(loss) == pytest.approx(float(cpu_loss), rel=1e-5)
     assert float(stats["threshold"]) == pytest.approx(float(cpu_stats["threshold"]), rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_threshold_on_cuda_above_quantile_size_limit():
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(2**24 + 1000, generator=g)
+    valid = torch.rand(values.shape, generator=g) < 0.9
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        values_cuda, valid_cuda = values.cuda(non_blocking=True), valid.cuda(non_blocking=True)
+        got = method.threshold(values_cuda, valid_cuda, 62.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = np.percentile(values[valid].numpy().astype(np.float64), 62.5)
+    assert got.device.type == "cuda" and float(got) == pytest.approx(float(expected), rel=1e-12)

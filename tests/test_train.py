@@ -76,13 +76,21 @@ def assert_states_equal(a: dict, b: dict) -> None:
 
 
 def test_toy_run_writes_run_directory_and_evaluates(toy_root, tmp_path):
-    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.epochs": 1})
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.epochs": 1, "trainer.image_every": 2})
     summary = loop_mod.train(cfg, name="smoke")
     run = tmp_path / "smoke"
     for name in ("config.yaml", "environment.json", "train.log", "results.json"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "latest.pth").is_file()
-    assert list((run / "tensorboard").iterdir()), "no TensorBoard events written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/kept_fraction", "train/kept_accuracy_unrefined", "train/flipped_to_keep",
+            "val/mIoU"} <= set(tags["scalars"])
+    assert any(t.startswith("val/IoU/") for t in tags["scalars"])
+    assert tags["images"] == ["unlabeled/image|teacher|pseudo-label|ground-truth"]
     env = json.loads((run / "environment.json").read_text())
     assert env["git_commit"] and env["torch"] == torch.__version__
     assert summary["iterations"] == 3

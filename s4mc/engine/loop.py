@@ -23,7 +23,7 @@ from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
 from s4mc.errors import CheckpointError, S4MCError
-from s4mc.logs import Progress, format_duration, log, open_writer, setup_logging
+from s4mc.logs import Progress, format_duration, log, log_visuals, open_writer, setup_logging
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -301,7 +301,13 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 # Resuming mid-epoch: replay the epoch's data stream up to where it stopped.
                 batches = itertools.islice(batches, done_in_epoch, None)
             for labeled, unlabeled, partner in batches:
+                state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
+                    (state.iteration + 1) % tr["image_every"] == 0)
                 metrics = train_step(state, labeled, unlabeled, cfg, partner)
+                if state.visuals is not None:
+                    log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
+                                cfg["dataset"]["ignore_index"], state.iteration)
+                    state.visuals = None
                 progress.update(metrics)
                 if progress.due(state.iteration):
                     check_finite(state)

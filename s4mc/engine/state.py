@@ -33,6 +33,8 @@ class TrainState:
     # First iteration whose loss was not finite, kept on the device so the step never
     # synchronises; the loop reads it when it logs or saves (-1 = none yet).
     first_nonfinite: torch.Tensor | None = None
+    capture_visuals: bool = False  # the loop sets it on iterations that log images
+    visuals: dict | None = None
 
     @property
     def student_module(self) -> nn.Module:

@@ -23,6 +23,19 @@ def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
 
 
+@torch.no_grad()
+def _visuals(state, images, teacher_logits, pseudo, gt, keep, cfg, size, count: int = 4) -> dict:
+    """A few unlabeled samples for TensorBoard: image, teacher prediction, masked pseudo-label, ground truth."""
+    unsup = cfg["trainer"]["unsupervised"]
+    logits = _upsample(teacher_logits[:count], size)
+    target, _ = method.pseudo_label_target(
+        logits, pseudo[:count], keep, indicator=unsup["indicator"], neighbors=unsup["neighborhood_size"],
+        k=unsup["num_neighbors"], prior=state.prior, refine=unsup["refine"], ignore_index=cfg["dataset"]["ignore_index"],
+    )
+    return {"image": images[:count].float().cpu(), "prediction": logits.argmax(1).cpu(),
+            "pseudo_label": target.cpu(), "ground_truth": gt[:count].cpu()}
+
+
 def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: dict, partner: dict | None = None) -> dict:
     """Run one iteration and return its metrics as detached 0-dim device tensors.
 
@@ -118,6 +131,8 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
             prior=state.prior, refine=unsup["refine"], ground_truth=gt_u, ignore_index=cfg["dataset"]["ignore_index"],
         )
         total = loss_sup + unsup["unsup_weight"] * loss_unsup
+        if state.capture_visuals:
+            state.visuals = _visuals(state, x_mix, out_t["pred"][n_l:], pseudo, gt_u, keep, cfg, size)
         metrics.update(loss_unsup=loss_unsup.detach(), keep_percent=torch.tensor(keep), **stats)
 
         # 9. Optional S4MC + U2PL contrastive term on `rep`.
