@@ -314,10 +314,10 @@ def test_threshold_on_cuda_above_quantile_size_limit():
     g = torch.Generator().manual_seed(1)
     values = torch.rand(2**24 + 1000, generator=g)
     valid = torch.rand(values.shape, generator=g) < 0.9
+    values_cuda, valid_cuda = values.cuda(), valid.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        values_cuda, valid_cuda = values.cuda(non_blocking=True), valid.cuda(non_blocking=True)
         got = method.threshold(values_cuda, valid_cuda, 62.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
