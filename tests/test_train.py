@@ -15,54 +15,11 @@ import torch
 import yaml
 
 from s4mc.config import load_config
-from s4mc.data.toy import generate_toy
 from s4mc.engine import loop as loop_mod
 from s4mc.engine.schedule import ema_momentum, poly_lr
 from s4mc.engine.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy") / "toy"
-    generate_toy(root, seed=0, num_train=24, num_labeled=8, num_val=5, size=48)
-    return root
-
-
-def toy_cfg(root: Path, out: Path, **overrides) -> dict:
-    data = {
-        "seed": 0,
-        "output_dir": str(out),
-        "dataset": {
-            "type": "toy",
-            "batch_size": 2,
-            "workers": 0,
-            "train": {
-                "data_root": str(root),
-                "data_list": str(root / "splits" / "labeled.txt"),
-                "rand_resize": [0.75, 1.25],
-                "crop": {"type": "rand", "size": [40, 40]},
-            },
-            "val": {"data_root": str(root), "data_list": str(root / "splits" / "val.txt")},
-        },
-        "trainer": {
-            "epochs": 2,
-            "sup_only_epoch": 0,
-            "log_every": 2,
-            "deterministic": True,
-            "optimizer": {"kwargs": {"lr": 0.01}},
-            "unsupervised": {"neighborhood_size": 8, "neighbor_prior": "none"},
-        },
-        "net": {
-            "num_classes": 6,
-            "sync_bn": False,
-            "encoder": {"type": "resnet_tiny", "kwargs": {"width": 8}},
-            "decoder": {"kwargs": {"inner_planes": 16, "low_conv_planes": 16, "dilations": [2, 4, 6]}},
-        },
-    }
-    opts = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    return load_config(None, opts, data=data)
 
 
 def flat_state(sd: dict) -> dict:
@@ -75,7 +32,7 @@ def assert_states_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_toy_run_writes_run_directory_and_evaluates(toy_root, tmp_path):
+def test_toy_run_writes_run_directory_and_evaluates(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.epochs": 1, "trainer.image_every": 2})
     summary = loop_mod.train(cfg, name="smoke")
     run = tmp_path / "smoke"
@@ -104,7 +61,7 @@ def test_toy_run_writes_run_directory_and_evaluates(toy_root, tmp_path):
     assert any(not torch.equal(student[k], teacher[k]) for k in student if k.endswith("weight"))
 
 
-def test_resume_continues_exactly(toy_root, tmp_path):
+def test_resume_continues_exactly(toy_root, toy_cfg, tmp_path):
     """k+m iterations in one go == k iterations, stop, resume for m (mid-epoch)."""
     k, m = 3, 4
     straight = toy_cfg(toy_root, tmp_path / "a", **{"trainer.max_iters": k + m, "trainer.eval_on": False})
@@ -123,7 +80,7 @@ def test_resume_continues_exactly(toy_root, tmp_path):
         assert torch.equal(ga["momentum_buffer"], gb["momentum_buffer"])
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, toy_cfg, tmp_path, monkeypatch):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 2, "trainer.log_every": 1})
     calls = {"n": 0}
 
@@ -141,7 +98,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path,
     assert all(torch.isfinite(v).all() for v in flat_state(ckpt["model_state"]).values())
 
 
-def test_poly_lr_and_head_multiplier(toy_root, tmp_path):
+def test_poly_lr_and_head_multiplier(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.head_lr_mult": 10, "trainer.optimizer.kwargs.lr": 0.02})
     dist = loop_mod.DistInfo()
     state = loop_mod.build_state(cfg, dist, iters_per_epoch=6)
@@ -161,7 +118,7 @@ def test_poly_lr_and_head_multiplier(toy_root, tmp_path):
     assert ema_momentum(7, 7, 0.99) == 0.0 and ema_momentum(1000, 7, 0.99) == 0.99
 
 
-def test_supervised_only_mode(toy_root, tmp_path):
+def test_supervised_only_mode(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup", "trainer.max_iters": 2, "trainer.epochs": 1})
     summary = loop_mod.train(cfg, name="sup")
     assert summary["iterations"] == 2 and "final" in summary
