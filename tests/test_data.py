@@ -215,7 +215,7 @@ def test_custom_dataset_unlabeled_without_masks(tmp_path):
     info = dataset_info(cfg)
     assert info.class_names == ["a", "b", "c"] and len(info.palette) == 3
     loaders = build_train_loaders(cfg)
-    unl = loaders.unlabeled.dataset
+    unl = loaders.unlabeled.dataset.dataset  # inside the per-item seeding wrapper
     assert unl.ids == ["im2", "im3", "im4", "im5"]
     assert (unl[1]["label"] == 255).all()          # no mask -> all ignore
     assert (unl[0]["label"] != 255).any()          # mask present -> ground truth

@@ -6,11 +6,12 @@ so the loop always has samplers to call `set_epoch` on), and training loaders dr
 the last incomplete batch so every step sees full per-GPU batches (CutMix pairs
 sample i with i+1; BN statistics on a batch of 1 are meaningless).
 
-Seeding: each loader has its own torch.Generator seeded from (run seed, rank,
-stream), from which the DataLoader draws a fresh base seed per epoch iterator; each
-worker is then seeded base + worker id (torch, random and numpy). So crops differ
-across ranks, workers, the labeled/unlabeled streams and epochs, and a run repeats
-exactly from its seed.
+Seeding: every item's augmentation is drawn from a generator seeded by (run seed,
+stream, epoch, index) — see `SeededDataset` — so crops differ across ranks (disjoint
+indices), the labeled/unlabeled streams and epochs, and do not depend on which worker
+loads an item. A run therefore repeats exactly from its seed, and a run resumed
+mid-epoch sees the same batches as one that never stopped. Shuffling follows the
+DistributedSampler's seed + epoch.
 """
 
 from __future__ import annotations
@@ -166,6 +167,40 @@ def worker_init_fn(worker_id: int) -> None:
     cv2.setNumThreads(0)
 
 
+class EpochTaggedSampler(DistributedSampler):
+    """A DistributedSampler that yields (epoch, index) pairs instead of bare indices."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in super().__iter__())
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Draws each item's augmentation from its own generator, seeded by (run seed, stream,
+    epoch, index) alone.
+
+    So a sample is augmented the same way whichever worker loads it and whatever ran
+    before it in that process: a run resumed mid-epoch replays the exact batches of an
+    uninterrupted one, and the dataset's randomness never touches the training RNG
+    (dropout, mixing) when workers=0. The global torch RNG is restored afterwards.
+    """
+
+    def __init__(self, dataset, seed: int, stream: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.stream = int(stream)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        item_seed = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.stream, int(epoch), int(index)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(item_seed.generate_state(1, dtype=np.uint64)[0]) & 0x7FFFFFFFFFFFFFFF)
+            return self.dataset[index]
+
+
 def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, stream: int = 0, shuffle: bool = True, drop_last: bool = True):
     """(DataLoader, DistributedSampler) with the seeding scheme described in the module doc."""
@@ -173,8 +208,9 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
         raise DataError(
             f"dataset of {len(dataset)} items is smaller than one global batch "
             f"({batch_size} x {world_size} GPUs); no full batch can be drawn")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+    sampler = EpochTaggedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                  seed=int(seed), drop_last=False)
+    dataset = SeededDataset(dataset, seed, stream)
     gen = torch.Generator()
     gen.manual_seed(_stream_seed(seed, rank, stream))
     loader = DataLoader(

@@ -178,14 +178,10 @@ def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> Path | None:
     return path
 
 
-def _reseed_loader(loader, seed: int, epoch: int, rank: int) -> None:
-    # The loader's generator fixes worker seeds and shuffles: reseeding it per epoch makes
-    # each epoch's data stream a function of (seed, epoch, rank) alone, so a resumed run
-    # sees the same batches as an uninterrupted one.
-    if loader is None:
-        return
-    loader.generator = torch.Generator().manual_seed((seed * 100003 + epoch) * 131 + rank)
-    sampler = getattr(loader, "sampler", None)
+def _set_epoch(loader, epoch: int) -> None:
+    # Shuffling and each item's augmentation are functions of (seed, epoch, index): see
+    # s4mc.data.loaders.SeededDataset. That is what makes a mid-epoch resume exact.
+    sampler = getattr(loader, "sampler", None) if loader is not None else None
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
 
@@ -289,7 +285,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 break
             state.epoch = epoch
             for loader in (main_loader, labeled_loader, partner_loader):
-                _reseed_loader(loader, cfg["seed"], epoch, dist.rank)
+                _set_epoch(loader, epoch)
             done_in_epoch = state.iteration - epoch * iters_per_epoch
             if sup_only:
                 batches = ((b, None, None) for b in labeled_loader)
