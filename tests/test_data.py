@@ -421,6 +421,8 @@ def test_loaders_repeat_keys_shapes(voc):
     assert sorted(ids) == ["2007_000000"] * 2 + ["2007_000001"] * 2
     sup = build_train_loaders(cfg, labeled_only=True)
     assert sup.unlabeled is None and len(sup.labeled.dataset) == 2 and len(sup.samplers) == 1
+    tiny = build_train_loaders(_cfg("pascal", voc, batch=3), labeled_only=True, world_size=2)
+    assert len(tiny.labeled) == 1 and len(tiny.labeled.dataset) == 6
 
 
 def test_loaders_shard_ranks(voc):

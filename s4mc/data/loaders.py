@@ -235,6 +235,12 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
         # repeat to the unlabeled length (never shorten: a labeled list longer than
         # the unlabeled one, e.g. Cityscapes 1488/1487, keeps every labeled image)
         labeled = RepeatDataset(labeled, max(len(unlabeled), len(labeled)))
+    elif len(labeled) < bs * world_size:
+        # supervised-only on a tiny split (e.g. 20 toy labels on 4 GPUs x 8): repeat just
+        # enough for one full global batch instead of yielding no batch at all
+        log.warning("labeled set (%d images) is smaller than one global batch (%d); repeating it",
+                    len(labeled), bs * world_size)
+        labeled = RepeatDataset(labeled, bs * world_size)
     lab_loader, lab_sampler = build_loader(labeled, batch_size=bs, workers=workers, rank=rank,
                                            world_size=world_size, seed=seed, stream=_STREAM_LABELED)
     if unlabeled is None:
