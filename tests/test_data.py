@@ -435,6 +435,22 @@ def test_loaders_shard_ranks(voc):
     assert not set(ids[0]) & set(ids[1])
 
 
+def test_items_seeded_by_epoch_and_index_not_worker(voc):
+    cfg = _cfg("pascal", voc, batch=2)
+    runs = {}
+    for workers in (0, 2):
+        cfg["dataset"]["workers"] = workers
+        L = build_train_loaders(cfg, seed=5)
+        L.samplers[1].set_epoch(3)
+        runs[workers] = [b["image"] for b in L.unlabeled]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+    state = torch.get_rng_state()
+    ds = L.unlabeled.dataset
+    x1, x2 = ds[(1, 0)]["image"], ds[(1, 0)]["image"]
+    assert torch.equal(x1, x2) and not torch.equal(x1, ds[(2, 0)]["image"])
+    assert torch.equal(torch.get_rng_state(), state)   # the training RNG is untouched
+
+
 class _SeedProbe(torch.utils.data.Dataset):
     def __len__(self):
         return 8

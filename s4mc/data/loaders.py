@@ -197,7 +197,10 @@ class SeededDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         item_seed = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.stream, int(epoch), int(index)])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(item_seed.generate_state(1, dtype=np.uint64)[0]) & 0x7FFFFFFFFFFFFFFF)
+            # only the CPU generator (which fork_rng restores): torch.manual_seed would
+            # also reseed every initialised CUDA generator when workers=0 on a GPU
+            torch.default_generator.manual_seed(
+                int(item_seed.generate_state(1, dtype=np.uint64)[0]) & 0x7FFFFFFFFFFFFFFF)
             return self.dataset[index]
 
 
