@@ -116,9 +116,6 @@ def run_setting(args, amp: str, channels_last: bool, compile_: bool, batch: int)
     if args.release_baseline:
         loop.set_rep_output(state.student_module, True)  # the release always computed `rep`
         loop.set_rep_output(state.teacher, True)
-    if compile_:
-        state.student.compile()
-        state.teacher.compile()
     g = torch.Generator().manual_seed(0)
     batches = (synthetic_batch(batch, args.size, num_classes, device, g),
                synthetic_batch(batch, args.size, num_classes, device, g))

@@ -50,7 +50,7 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_scaler: bool = False) -> torch.optim.Optimizer:
     """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (SPEC step 10)."""
     tr = cfg["trainer"]
     kwargs = dict(tr["optimizer"]["kwargs"])
@@ -67,7 +67,8 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int) -> torch
     fused = tr["optimizer"]["fused"]
     on_cuda = backbone[0].is_cuda
     if fused == "auto":
-        fused = on_cuda
+        # Not with fp16's GradScaler: a skipped (inf) first step must not seed the momentum buffers.
+        fused = on_cuda and not grad_scaler
     extra = {"fused": True} if fused and on_cuda else {}
     return torch.optim.SGD(groups, lr=base_lr, **kwargs, **extra)
 
@@ -140,12 +141,16 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     teacher = maybe_sync_bn(teacher, cfg["net"]["sync_bn"], dist.distributed, dist.device)
     student.to(dist.device, memory_format=memory_format)
     teacher.to(dist.device, memory_format=memory_format)
-    optimizer = build_optimizer(student, cfg, dist.world_size)
+    amp_dtype = resolve_amp(tr["amp"], dist.device)
+    optimizer = build_optimizer(student, cfg, dist.world_size, grad_scaler=amp_dtype == torch.float16)
+    if tr["compile"]:
+        # In place, so state-dict keys (and checkpoints) stay those of the plain model.
+        student.compile()
+        teacher.compile()
     wrapped = student
     if dist.distributed:
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    amp_dtype = resolve_amp(tr["amp"], dist.device)
     scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + dist.rank)
     prior = resolve_prior(tr["unsupervised"]["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
