@@ -12,13 +12,27 @@ import torch
 log = logging.getLogger("s4mc")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time, so a replaced stdout (a test's capture,
+    a notebook) never leaves the handler holding a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logger:
     """Rank 0 logs INFO to the console (and the run's log file); other ranks only warnings."""
-    log.handlers.clear()
-    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = _StdoutHandler()
     console.setFormatter(fmt)
     log.addHandler(console)
     if log_file is not None and rank == 0:
