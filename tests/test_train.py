@@ -258,3 +258,20 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     for key in ("loss", "loss_unsup", "kept_fraction"):
         assert dumps[0]["reduced_metrics"][key] == pytest.approx((local0[key] + local1[key]) / 2, rel=1e-6)
         assert dumps[1]["reduced_metrics"][key] == pytest.approx(dumps[0]["reduced_metrics"][key], rel=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_first(toy_root, toy_cfg, tmp_path, monkeypatch):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False})
+    calls = {"n": 0}
+
+    def interrupted(state, labeled, unlabeled, cfg, partner=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return train_step(state, labeled, unlabeled, cfg, partner)
+
+    monkeypatch.setattr(loop_mod, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop_mod.train(cfg, name="ctrl_c")
+    ckpt = torch.load(tmp_path / "ctrl_c" / "checkpoints" / "latest.pth", weights_only=True)
+    assert ckpt["iteration"] == 2 and ckpt["epoch"] == 0

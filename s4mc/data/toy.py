@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
 _N_POOLS = 6                   # colour pools shared by all classes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
-_CLASS_PREF = 0.45             # probability a class uses "its" colour pool / texture
+_CLASS_PREF = 0.75             # probability a class uses "its" colour pool / texture
 
 
 def _grid(size: int):

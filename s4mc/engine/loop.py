@@ -268,9 +268,11 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
              0 if sup_only else cfg["dataset"]["batch_size"], state.amp_dtype or "off", state.channels_last)
 
     debug: dict = {}
+    history: list[dict] = []  # every logged window, for the run's mean pseudo-label diagnostics
 
     def reduce_metrics(local: dict) -> dict:
         reduced = all_reduce_mean(local)
+        history.append({k: float(v) for k, v in reduced.items()})
         if os.environ.get("S4MC_DEBUG_DUMP"):
             debug["local_metrics"] = {k: float(v) for k, v in local.items()}
             debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
@@ -349,7 +351,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
     elapsed = time.perf_counter() - start_time
     summary = {"run_dir": str(run_dir), "iterations": state.iteration, "seconds": elapsed,
-               "best_miou": state.best_miou}
+               "best_miou": state.best_miou, "diagnostics": mean_diagnostics(history)}
     if last_result is not None:
         log.info("final evaluation (%s, %s):\n%s", cfg["evaluation"]["mode"],
                  "teacher" if state.semi_start is not None else "student",
@@ -359,6 +361,20 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
     return summary
+
+
+DIAGNOSTICS = ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined",
+               "flipped_to_keep", "flipped_to_drop", "threshold")
+
+
+def mean_diagnostics(history: list[dict]) -> dict:
+    """Mean of each pseudo-label diagnostic over the logged windows of the semi phase."""
+    out = {}
+    for key in DIAGNOSTICS:
+        values = [h[key] for h in history if key in h]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def check_finite(state: TrainState) -> None:
