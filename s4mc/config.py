@@ -474,6 +474,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     pretrained = cfg["net"]["encoder"]["pretrained"]
     if pretrained and pretrained != "torchvision":
         cfg["net"]["encoder"]["pretrained"] = resolve_path(pretrained, base)
+    prior = cfg["trainer"]["unsupervised"]["neighbor_prior"]
+    if isinstance(prior, str) and prior.lower().endswith(".json"):
+        cfg["trainer"]["unsupervised"]["neighbor_prior"] = resolve_path(prior, base)
     if cfg["saver"]["pretrain"]:
         cfg["saver"]["pretrain"] = resolve_path(cfg["saver"]["pretrain"], base)
     cfg["config_file"] = str(Path(path).resolve()) if path is not None else None

@@ -98,6 +98,11 @@ def test_optional_blocks_switch_on_by_presence(tmp_path):
     assert cfg["net"]["aux_loss"]["loss_weight"] == 0.4
 
 
+def test_prior_file_resolves_against_path_base(tmp_path):
+    cfg = load_config(write(tmp_path, minimal()), ["trainer.unsupervised.neighbor_prior=data/priors/voc92.json"])
+    assert cfg["trainer"]["unsupervised"]["neighbor_prior"] == str(REPO_ROOT / "data" / "priors" / "voc92.json")
+
+
 def test_env_and_home_expand(tmp_path, monkeypatch):
     monkeypatch.setenv("S4MC_TEST_DATA", str(tmp_path / "somewhere"))
     data = minimal()
