@@ -44,7 +44,9 @@ def read_split(path: str | os.PathLike) -> list[str]:
     """Non-empty, stripped lines of a split file (works without a final newline, CRLF too)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"split file not found: {p}")
+        hint = ("; fetch the U2PL/S4MC lists with `python -m s4mc.data.splits fetch`"
+                if "splits" in p.parts and ("pascal" in p.parts or "cityscapes" in p.parts) else "")
+        raise DataError(f"split file not found: {p}{hint}")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
