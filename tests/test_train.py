@@ -275,3 +275,11 @@ def test_ctrl_c_saves_a_checkpoint_first(toy_root, toy_cfg, tmp_path, monkeypatc
         loop_mod.train(cfg, name="ctrl_c")
     ckpt = torch.load(tmp_path / "ctrl_c" / "checkpoints" / "latest.pth", weights_only=True)
     assert ckpt["iteration"] == 2 and ckpt["epoch"] == 0
+
+
+def test_batch_of_one_without_sync_bn_is_a_clear_error(toy_root, toy_cfg, tmp_path):
+    from s4mc.errors import ConfigError
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"dataset.batch_size": 1, "trainer.sup_only_epoch": 1})
+    with pytest.raises(ConfigError, match="dataset.batch_size = 1"):
+        loop_mod.train(cfg, name="b1")

@@ -22,7 +22,7 @@ from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distribute
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
-from s4mc.errors import CheckpointError, S4MCError
+from s4mc.errors import CheckpointError, ConfigError, S4MCError
 from s4mc.logs import Progress, format_duration, log, log_visuals, open_writer, setup_logging
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,6 +230,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
 
     sup_only = tr["mode"] == "sup"
+    check_batch_norm_batch(cfg, dist)
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
                                   labeled_only=sup_only)
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
@@ -375,6 +376,19 @@ def mean_diagnostics(history: list[dict]) -> dict:
         if values:
             out[key] = sum(values) / len(values)
     return out
+
+
+def check_batch_norm_batch(cfg: dict, dist: DistInfo) -> None:
+    """One labeled image per process cannot train BatchNorm (the ASPP image pool sees a
+    single value per channel) unless SyncBatchNorm pools several GPUs, as the release did."""
+    tr = cfg["trainer"]
+    labeled_only_steps = tr["mode"] == "sup" or tr["sup_only_epoch"] > 0
+    sync = cfg["net"]["sync_bn"] and dist.distributed and dist.device.type == "cuda"
+    if cfg["dataset"]["batch_size"] == 1 and labeled_only_steps and not sync:
+        raise ConfigError(
+            "dataset.batch_size = 1 gives BatchNorm one image per process in the supervised steps; "
+            "use dataset.batch_size >= 2, net.sync_bn with several GPUs, or trainer.sup_only_epoch: 0"
+        )
 
 
 def check_finite(state: TrainState) -> None:
