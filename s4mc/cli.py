@@ -142,7 +142,7 @@ def run_eval(args, overrides: list[str]):
     from s4mc.data import build_val_dataset, dataset_info
     from s4mc.distributed import init_distributed
     from s4mc.engine.loop import resolve_amp
-    from s4mc.evaluation import build_val_loader, evaluate, format_table, save_prediction
+    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
     from s4mc.logs import setup_logging
     from s4mc.models import build_model, load_checkpoint
     from s4mc.priors_table import resolve_prior
@@ -158,39 +158,31 @@ def run_eval(args, overrides: list[str]):
     workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
     loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
                               batch_size=cfg["evaluation"]["batch_size"])
-    ev = cfg["evaluation"]
-    refine = None
-    if ev["refine"]:
-        unsup = cfg["trainer"]["unsupervised"]
-        prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
-        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": prior}
-    save_fn = None
+    unsup = cfg["trainer"]["unsupervised"]
+    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    save_fn = None  # eval.py --save-dir replaces it with a writer of palette PNGs
     if args.save_dir:
         out_dir = Path(args.save_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         mean = torch.tensor(cfg["dataset"]["mean"]).view(3, 1, 1)
         std = torch.tensor(cfg["dataset"]["std"]).view(3, 1, 1)
 
-        def save_fn(image_id, pred, image):
+        def write_png(image_id, pred, image):
             name = str(image_id).replace("/", "_").rsplit(".", 1)[0] + ".png"
             rgb = None
             if args.overlay and image is not None:
                 rgb = (image.detach().float().cpu() * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
             save_prediction(out_dir / name, pred, info.palette, image=rgb)
 
-    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, args.weights, len(dataset), ev["mode"])
-    result = evaluate(
-        model, loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
-        mode=ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
-        stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"], refine=refine, device=dist.device,
-        save_fn=save_fn, distributed=dist.distributed, amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
-        pad_label=cfg["dataset"]["val"]["crop"]["pad_label"],
-    )
+        save_fn = write_png
+
+    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, args.weights, len(dataset),
+             cfg["evaluation"]["mode"])
+    result = evaluate_configured(model, loader, cfg, device=dist.device, prior=prior, save_fn=save_fn,
+                                 amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
+                                 distributed=dist.distributed)
     if dist.is_main:
-        print(format_table(result, info.class_names))
-        if result.refined is not None:
-            print("\nwith S4MC test-time refinement:")
-            print(format_table(result.refined, info.class_names))
+        print(format_table(result, info.class_names))  # with a refined column under --refine
         payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
                    **result.to_json()}
         print(json.dumps({"miou": result.miou, "pixel_acc": result.pixel_acc, "images_per_s": result.images_per_s,

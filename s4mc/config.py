@@ -528,13 +528,3 @@ def dump_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the fully resolved config, so a run directory records what ran."""
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(cfg, handle, sort_keys=False)
-
-
-def get(cfg: dict, dotted: str):
-    """`get(cfg, "trainer.unsupervised.keep_percent")`; KeyError names the key."""
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"config has no key '{dotted}'")
-        node = node[part]
-    return node

@@ -638,3 +638,23 @@ def format_table(result: EvalResult, class_names: Sequence[str] | None = None) -
     miou = f"{'mIoU':<{width}}{pct(result.miou)}" + (f"  {pct(ref.miou)}" if ref else "")
     lines.append(f"{miou}   (mean over {counted} of {n} classes)")
     return "\n".join(lines)
+
+
+def evaluate_configured(model, loader, cfg: dict, *, device=None, amp_dtype=None, prior=None,
+                        distributed: bool | None = None, save_fn=None) -> EvalResult:
+    """`evaluate` with the protocol a config describes (its `evaluation` block).
+
+    Training and eval.py both call this, so the two can never evaluate differently.
+    """
+    ev = cfg["evaluation"]
+    refine = None
+    if ev["refine"]:
+        unsup = cfg["trainer"]["unsupervised"]
+        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": prior}
+    return evaluate(
+        model, loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
+        mode=ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
+        stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"], refine=refine, device=device,
+        save_fn=save_fn, distributed=distributed, amp_dtype=amp_dtype,
+        pad_label=cfg["dataset"]["val"]["crop"]["pad_label"],
+    )

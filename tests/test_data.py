@@ -16,7 +16,7 @@ from PIL import Image
 from s4mc.data import (build_loader, build_train_loaders, build_val_dataset, cityscapes_lut, dataset_info,
                        generate_toy, read_split)
 from s4mc.data.classes import CITYSCAPES_ID_TO_TRAINID, PASCAL_PALETTE
-from s4mc.data.datasets import build_samples, SegmentationDataset
+from s4mc.data.datasets import build_samples
 from s4mc.data.priors import neighbor_prior
 from s4mc.data.splits import check_split, fetch_splits, make_split, split_sums, verify_split_bytes
 from s4mc.data.transforms import EvalTransform, StrongPhotometric, TrainTransform, center_crop

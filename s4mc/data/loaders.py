@@ -17,7 +17,6 @@ DistributedSampler's seed + epoch.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np

@@ -24,7 +24,7 @@ import numpy as np
 
 from s4mc.errors import DataError
 
-from .datasets import DATASET_TYPES, IMAGE_EXTS, build_samples, read_split
+from .datasets import DATASET_TYPES, IMAGE_EXTS, read_split
 
 BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/splits/"
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")

@@ -191,24 +191,13 @@ def _set_epoch(loader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def evaluate_model(state: TrainState, cfg: dict, val_loader, writer=None, semi: bool = True):
+def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True):
     """Evaluate the teacher once the semi phase has begun, the student before (SPEC step 12)."""
-    from s4mc.evaluation import evaluate
+    from s4mc.evaluation import evaluate_configured
 
-    ev = cfg["evaluation"]
     model = state.teacher if semi and state.semi_start is not None else state.student_module
-    crop = ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"]
-    refine = None
-    if ev["refine"]:
-        unsup = cfg["trainer"]["unsupervised"]
-        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": state.prior}
-    result = evaluate(
-        model, val_loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
-        mode=ev["mode"], crop_size=crop, stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"],
-        refine=refine, device=state.device, amp_dtype=state.amp_dtype,
-        pad_label=cfg["dataset"]["val"]["crop"]["pad_label"], distributed=state.dist.distributed,
-    )
-    return result
+    return evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
+                               prior=state.prior, distributed=state.dist.distributed)
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
@@ -324,7 +313,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= stop_at
             if val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
                 semi = not sup_only and epoch >= tr["sup_only_epoch"]
-                last_result = evaluate_model(state, cfg, val_loader, writer, semi=semi)
+                last_result = evaluate_model(state, cfg, val_loader, semi=semi)
                 improved = last_result.miou > state.best_miou
                 state.best_miou = max(state.best_miou, last_result.miou)
                 log.info("epoch %d: mIoU %.2f (best %.2f) in %.1fs", epoch + 1, 100 * last_result.miou,
