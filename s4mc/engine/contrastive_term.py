@@ -7,19 +7,20 @@ import torch
 from s4mc.contrastive import ContrastiveMemory, ContrastiveSettings, all_gather_rows, contrastive_loss
 
 
-def build_memory(cfg: dict, device: torch.device) -> ContrastiveMemory:
-    """The per-class negative bank; each rank draws from its own seeded stream."""
+def build_memory(cfg: dict, device: torch.device) -> tuple[ContrastiveMemory, ContrastiveSettings]:
+    """The validated settings and the per-class negative bank; each rank draws from its own seeded stream."""
     settings = ContrastiveSettings.from_config(cfg["trainer"]["contrastive"])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    return ContrastiveMemory(
+    memory = ContrastiveMemory(
         cfg["net"]["num_classes"], settings.memory_capacity, device=device, seed=cfg["seed"] + rank,
         gather=all_gather_rows if distributed else None,
     )
+    return memory, settings
 
 
-def contrastive_term(state, cfg: dict, out: dict, out_t: dict, label_l: torch.Tensor, pseudo_label: torch.Tensor,
-                     size) -> tuple[torch.Tensor, dict]:
+def contrastive_term(state, cfg: dict, out: dict, out_t: dict, label_l: torch.Tensor,
+                     pseudo_label: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """U2PL's term on `rep`, weighted by `trainer.contrastive.loss_weight`.
 
     The teacher's probabilities come from its second (train-mode) forward at 1/4
@@ -29,11 +30,9 @@ def contrastive_term(state, cfg: dict, out: dict, out_t: dict, label_l: torch.Te
     n_l = label_l.shape[0]
     with torch.no_grad(), torch.autocast(state.device.type, enabled=False):
         prob = out_t["pred"].float().softmax(1)
-    settings = ContrastiveSettings.from_config(cfg["trainer"]["contrastive"])
-    epochs = cfg["trainer"]["epochs"]
     epoch = state.iteration / state.iters_per_epoch
     loss, stats = contrastive_loss(
-        out["rep"], out_t["rep"], prob[:n_l], prob[n_l:], label_l, pseudo_label, state.memory, settings,
-        epoch, epochs,
+        out["rep"], out_t["rep"], prob[:n_l], prob[n_l:], label_l, pseudo_label, state.memory,
+        state.contrastive, epoch, cfg["trainer"]["epochs"],
     )
     return loss, stats

@@ -154,18 +154,19 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + dist.rank)
     prior = resolve_prior(tr["unsupervised"]["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
-    memory = None
+    memory = settings = None
     if tr["contrastive"] is not None:
         from s4mc.engine.contrastive_term import build_memory
 
-        memory = build_memory(cfg, dist.device)
+        memory, settings = build_memory(cfg, dist.device)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = tr["cudnn_benchmark"] and not tr["deterministic"]
     return TrainState(
         student=wrapped, teacher=teacher, optimizer=optimizer, device=dist.device,
         max_iters=tr["epochs"] * iters_per_epoch, iters_per_epoch=iters_per_epoch, generator=generator,
         amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
-        prior=prior.to(dist.device) if prior is not None else None, memory=memory, dist=dist,
+        prior=prior.to(dist.device) if prior is not None else None, memory=memory, contrastive=settings,
+        dist=dist,
     )
 
 

@@ -25,6 +25,7 @@ class TrainState:
     channels_last: bool = False
     prior: torch.Tensor | None = None  # neighbour prior E_c on the device
     memory: object | None = None  # U2PL contrastive memory bank, when that term is on
+    contrastive: object | None = None  # its validated ContrastiveSettings, parsed once
     dist: DistInfo = field(default_factory=DistInfo)
     epoch: int = 0
     iteration: int = 0  # global iteration count, across epochs

@@ -137,7 +137,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
 
         # 9. Optional S4MC + U2PL contrastive term on `rep`.
         if cfg["trainer"]["contrastive"] is not None:
-            loss_con, _ = contrastive_term(state, cfg, out, out_t, y_l, pseudo, size)
+            loss_con, _ = contrastive_term(state, cfg, out, out_t, y_l, pseudo)
             total = total + loss_con  # already weighted by trainer.contrastive.loss_weight
             metrics["loss_contrastive"] = loss_con.detach()
 
