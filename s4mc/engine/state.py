@@ -36,10 +36,21 @@ class TrainState:
     first_nonfinite: torch.Tensor | None = None
     capture_visuals: bool = False  # the loop sets it on iterations that log images
     visuals: dict | None = None
+    # torch.compile'd callables for the step's forwards (trainer.compile). They share the
+    # modules' parameters; evaluation and checkpoints use the plain modules, so a compiled
+    # run never recompiles for the varying image sizes of whole-image evaluation.
+    student_forward: object | None = None
+    teacher_forward: object | None = None
 
     @property
     def student_module(self) -> nn.Module:
         return getattr(self.student, "module", self.student)
+
+    def forwards(self) -> tuple:
+        """The callables the step runs student and teacher through (compiled or plain)."""
+        student = self.student if self.student_forward is None else self.student_forward
+        teacher = self.teacher if self.teacher_forward is None else self.teacher_forward
+        return student, teacher
 
     def autocast(self):
         if self.amp_dtype is None:

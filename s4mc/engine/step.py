@@ -45,6 +45,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
     """
     tr, unsup = cfg["trainer"], cfg["trainer"]["unsupervised"]
     student, teacher = state.student, state.teacher
+    student_fwd, teacher_fwd = state.forwards()
     x_l, y_l = state.to_device(labeled["image"], image=True), state.to_device(labeled["label"])
     size = y_l.shape[-2:]
     lr = set_lr(state.optimizer, state.iteration, state.max_iters, tr["lr_scheduler"]["kwargs"]["power"])
@@ -54,13 +55,13 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
     if not semi:
         student.train()
         with state.autocast():
-            out = student(x_l)
+            out = student_fwd(x_l)
         loss_sup = supervised_loss(out, y_l, cfg, size)
         if unlabeled is not None:
             # Warm-up: train-mode teacher forwards warm its BN statistics (SPEC step 11).
             teacher.train()
             with torch.no_grad(), state.autocast():
-                teacher(x_l)
+                teacher_fwd(x_l)
         total = loss_sup
     else:
         if state.semi_start is None:
@@ -82,7 +83,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
         with torch.no_grad():
             weak = x_u if partner is None else torch.cat([x_u, p_weak])
             with state.autocast():
-                logits_weak = teacher(weak)["pred"]
+                logits_weak = teacher_fwd(weak)["pred"]
             pseudo_all = _upsample(logits_weak, size).softmax(1).argmax(1)
         pseudo, p_pseudo = pseudo_all[:n_u], (pseudo_all[n_u:] if partner is not None else None)
 
@@ -111,13 +112,13 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
         n_l = x_l.shape[0]
         student.train()
         with state.autocast():
-            out = student(torch.cat([x_l, x_mix]))
+            out = student_fwd(torch.cat([x_l, x_mix]))
         loss_sup = supervised_loss({k: v[:n_l] for k, v in out.items()}, y_l, cfg, size)
 
         # 4. Teacher again, train-mode BN as the release does, on the same mixed batch.
         teacher.train()
         with torch.no_grad(), state.autocast():
-            out_t = teacher(torch.cat([x_l, x_mix_teacher]))
+            out_t = teacher_fwd(torch.cat([x_l, x_mix_teacher]))
 
         # 5-8. Threshold on unrefined p, refine, mask, scaled CE (all fp32/fp64 inside).
         keep = method.keep_percent_at(
