@@ -82,6 +82,10 @@ def main(argv=None):
     parser.add_argument("--keep-percent", type=float, default=80.0)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--ground-truth", action="store_true",
+                        help="also compute the kept-accuracy diagnostics, as a training step does")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward, as in a training step")
+    parser.add_argument("--profile", metavar="FILE", help="write a per-kernel time table of 3 calls of ours to FILE")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -91,28 +95,47 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.batch, args.classes, args.size, args.size)
     teacher = (torch.randn(shape, generator=g) * 3).to(device)
-    student = torch.randn(shape, generator=g).to(device)
+    student = torch.randn(shape, generator=g).to(device).requires_grad_(args.backward)
     label = teacher.argmax(1)
     label[(torch.rand(label.shape, generator=g) < 0.05).to(device)] = 255
     table = PRIORS.get("pascal") if args.classes == 21 else [0.95] * args.classes
     prior = torch.tensor(table, device=device)
 
+    ground_truth = label.clone() if args.ground_truth else None
+
     def ours():
-        return method.pseudo_label_loss(student, teacher, label, args.keep_percent, indicator="margin",
-                                        neighbors=args.neighbors, k=args.k, prior=prior)
+        out = method.pseudo_label_loss(student, teacher, label, args.keep_percent, indicator="margin",
+                                       neighbors=args.neighbors, k=args.k, prior=prior, ground_truth=ground_truth)
+        if args.backward:
+            out[0].backward()
+        return out
 
     def release():
-        return release_style_loss(student, teacher, label, args.keep_percent, args.neighbors, args.k, prior)
+        out = release_style_loss(student, teacher, label, args.keep_percent, args.neighbors, args.k, prior)
+        if args.backward:
+            out.backward()
+        return out
 
     loss_ours, stats = ours()
     loss_release = release()
-    agree = math.isclose(float(loss_ours), float(loss_release), rel_tol=1e-4)
+    agree = math.isclose(float(loss_ours.detach()), float(loss_release.detach()), rel_tol=1e-4)
 
     t_ours, t_release = _time_interleaved([ours, release], device, args.runs, args.warmup)
     m_ours, m_release = statistics.median(t_ours), statistics.median(t_release)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(3):
+                ours()
+            if cuda:
+                torch.cuda.synchronize(device)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
     print(f"device {device}, inputs {list(shape)}, neighbors {args.neighbors}, k {args.k}, "
           f"threads {torch.get_num_threads()}")
-    print(f"losses: ours {float(loss_ours):.6f}  release-style {float(loss_release):.6f}  agree {agree}; "
+    print(f"losses: ours {float(loss_ours.detach()):.6f}  release-style {float(loss_release.detach()):.6f}  agree {agree}; "
           f"kept {float(stats['kept_fraction']):.4f}")
     print("ours          runs (s): " + " ".join(f"{t:.4f}" for t in t_ours) + f"  median {m_ours:.4f}")
     print("release-style runs (s): " + " ".join(f"{t:.4f}" for t in t_release) + f"  median {m_release:.4f}")
@@ -120,6 +143,7 @@ def main(argv=None):
     print(json.dumps({
         "benchmark": "method.pseudo_label_loss", "device": str(device), "shape": list(shape),
         "neighbors": args.neighbors, "k": args.k, "runs": args.runs,
+        "ground_truth": args.ground_truth, "backward": args.backward,
         "ours_s": [round(t, 5) for t in t_ours], "release_style_s": [round(t, 5) for t in t_release],
         "ours_median_s": round(m_ours, 5), "release_style_median_s": round(m_release, 5),
         "speedup": round(m_release / m_ours, 3), "losses_agree": agree,

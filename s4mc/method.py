@@ -80,30 +80,34 @@ def threshold(indicator_map, valid, percent):
                          f"{tuple(valid.shape)} differ in shape")
     if not 0.0 <= float(percent) <= 100.0:
         raise ValueError(f"percentile must lie in [0, 100], got {percent!r}")
-    values = indicator_map.detach().reshape(-1).to(torch.float64)
+    values = indicator_map.detach().reshape(-1)
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
     valid = valid.reshape(-1)
     if values.device.type == "cpu":
         a, b, t, any_valid = _order_statistics_cpu(values, valid, float(percent))
     else:
         a, b, t, any_valid = _order_statistics(values, valid, float(percent))
-    # numpy's _lerp: interpolate from the nearer end, so t=1 returns b exactly.
-    diff = b - a
-    value = torch.where(t >= 0.5, b - diff * (1.0 - t), a + diff * t)
-    return torch.where(any_valid, value, torch.zeros_like(value))
+    # torch.lerp interpolates from the nearer end (t < 0.5: a + t(b-a), else b - (1-t)(b-a)),
+    # as numpy's percentile does, so t=1 returns b exactly.
+    return torch.where(any_valid, torch.lerp(a, b, t), 0.0)
 
 
 def _order_statistics(values, valid, percent):
     """Device path: invalid entries go to +inf so the first n_valid sorted values are the
     valid ones, and both order statistics are gathered with device-side indices (boolean
     indexing or .item() would sync)."""
+    # Sorted in the map's own precision (fp32): the conversion to float64 is exact and
+    # monotone, so the two order statistics equal those of a float64 sort, at half the
+    # radix passes.
     values = values.masked_fill(~valid, math.inf).sort().values
-    last = (valid.sum() - 1).clamp(min=0)
-    position = last.to(torch.float64) * (percent / 100.0)
-    lo = position.floor().long()
-    hi = (lo + 1).clamp(max=last)
-    a = values.index_select(0, lo.reshape(1))[0]
-    b = values.index_select(0, hi.reshape(1))[0]
-    return a, b, position - lo.to(torch.float64), valid.any()
+    count = valid.sum()
+    last = (count - 1).clamp(min=0)
+    position = last.to(torch.float64).mul(percent / 100.0)
+    lo = position.floor()
+    index = torch.stack([lo, lo + 1]).long().clamp(max=last)
+    a, b = values.index_select(0, index).to(torch.float64)
+    return a, b, position - lo, count > 0
 
 
 def _order_statistics_cpu(values, valid, percent):
@@ -115,8 +119,8 @@ def _order_statistics_cpu(values, valid, percent):
         return zero, zero, zero, torch.tensor(False)
     position = (n - 1) * (percent / 100.0)
     lo = math.floor(position)
-    a = values.kthvalue(lo + 1).values
-    b = values.kthvalue(lo + 2).values if lo + 1 < n else a
+    a = values.kthvalue(lo + 1).values.to(torch.float64)
+    b = values.kthvalue(lo + 2).values.to(torch.float64) if lo + 1 < n else a
     return a, b, torch.tensor(position - lo, dtype=torch.float64), torch.tensor(True)
 
 
@@ -215,26 +219,39 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
             keep = valid & _reliable(indicator_map(refined, indicator), gamma, indicator)
         else:
             keep = keep_raw
-        target = torch.where(keep, pseudo_label, torch.full_like(pseudo_label, ignore_index))
-        n_valid = valid.sum().clamp(min=1).to(torch.float64)
-        stats = {
-            "threshold": gamma,
-            "kept_fraction": keep.sum() / n_valid,
-            "kept_fraction_unrefined": keep_raw.sum() / n_valid,
-            "flipped_to_keep": (keep & ~keep_raw).sum(),
-            "flipped_to_drop": (keep_raw & ~keep).sum(),
-        }
-        if ground_truth is not None:
-            if ground_truth.shape != pseudo_label.shape:
-                raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
-                                 f"{tuple(pseudo_label.shape)}")
-            labelled = ground_truth != ignore_index
-            correct = pseudo_label == ground_truth
-            for name, mask in (("kept_accuracy", keep), ("kept_accuracy_unrefined", keep_raw)):
-                # 0 when no kept pixel has ground truth, so averaged logs stay finite.
-                counted = (mask & labelled).sum().clamp(min=1).to(torch.float64)
-                stats[name] = (mask & labelled & correct).sum() / counted
+        target = pseudo_label.masked_fill(~keep, ignore_index)
+        if ground_truth is not None and ground_truth.shape != pseudo_label.shape:
+            raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
+                             f"{tuple(pseudo_label.shape)}")
+        stats = {"threshold": gamma, **_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index)}
     return target, stats
+
+
+def _diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index):
+    """Kept fractions, refinement flips and (with ground truth) kept accuracy, as 0-dim tensors.
+
+    All counts come from one reduction over the stacked masks (exact int64), not from some
+    twenty small reductions per step.
+    """
+    both = keep & keep_raw  # keep and keep_raw are subsets of valid
+    masks = [valid, keep, keep_raw, both]
+    if ground_truth is not None:
+        labelled = ground_truth != ignore_index
+        right = labelled & (pseudo_label == ground_truth)
+        masks += [keep & labelled, keep & right, keep_raw & labelled, keep_raw & right]
+    counts = torch.stack([m.reshape(-1) for m in masks]).sum(dim=1).to(torch.float64)
+    n_valid = counts[0].clamp(min=1)
+    stats = {
+        "kept_fraction": counts[1] / n_valid,
+        "kept_fraction_unrefined": counts[2] / n_valid,
+        "flipped_to_keep": counts[1] - counts[3],
+        "flipped_to_drop": counts[2] - counts[3],
+    }
+    if ground_truth is not None:
+        # 0 when no kept pixel has ground truth, so averaged logs stay finite.
+        stats["kept_accuracy"] = counts[5] / counts[4].clamp(min=1)
+        stats["kept_accuracy_unrefined"] = counts[7] / counts[6].clamp(min=1)
+    return stats
 
 
 def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, *, indicator="margin",

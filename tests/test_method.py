@@ -65,6 +65,22 @@ def test_prior_tables_equal_reference():
     assert len(PRIORS["pascal"]) == 21 and len(PRIORS["cityscapes"]) == 19
 
 
+# ---------------------------------------------------------------- indicator
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_margin_equals_sorted_top2_difference(ties):
+    g = torch.Generator().manual_seed(3)
+    prob = torch.rand(2, 6, 5, 7, generator=g)
+    if ties:
+        prob = prob.mul(4).round().div(4)  # many exact ties, including for the maximum
+    top2 = prob.sort(dim=1, descending=True).values[:, :2]
+    expected = top2[:, 0] - top2[:, 1]
+    got = method.indicator_map(prob, "margin")
+    assert torch.equal(got, expected)
+    if ties:
+        assert (expected == 0).any()  # the case a masked second maximum would get wrong
+
+
 # ---------------------------------------------------------------- threshold
 
 @pytest.fixture(params=["cpu-selection", "device-sort"])

@@ -1,0 +1,53 @@
+"""GPU probe: three exact top-2 margin implementations, alone and inside the full loss.
+
+    python benchmarks/margin_variants.py     # needs CUDA; prints one line per variant
+
+Kept because it decided `method.indicator_map`: the running top-2 (`loop`) beat two
+max-reductions (`amax`) and `topk` on an H200 (benchmarks/RESULTS.md).
+"""
+import math, statistics, sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s4mc import method
+from s4mc.priors_table import PRIORS
+
+def loop(prob):
+    first = prob[:, 0].clone(); second = torch.full_like(first, -math.inf); smaller = torch.empty_like(first)
+    for c in range(1, prob.shape[1]):
+        torch.minimum(first, prob[:, c], out=smaller); torch.maximum(first, prob[:, c], out=first)
+        torch.maximum(second, smaller, out=second)
+    return first.sub_(second)
+
+def amax(prob):
+    first = prob.amax(dim=1, keepdim=True); is_max = prob == first
+    second = prob.masked_fill(is_max, -math.inf).amax(dim=1)
+    return (first.squeeze(1) - second).masked_fill_(is_max.sum(dim=1) > 1, 0.0)
+
+def topk(prob):
+    t = prob.topk(2, dim=1).values
+    return t[:, 0] - t[:, 1]
+
+def bench(fn, runs=15):
+    for _ in range(3): fn()
+    torch.cuda.synchronize(); ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter(); fn(); torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+if not torch.cuda.is_available():
+    sys.exit("margin_variants.py needs a CUDA device")
+dev = torch.device("cuda"); g = torch.Generator().manual_seed(0)
+teacher = (torch.randn(8, 21, 513, 513, generator=g) * 3).to(dev)
+student = torch.randn(8, 21, 513, 513, generator=g).to(dev).requires_grad_()
+label = teacher.argmax(1); prior = torch.tensor(PRIORS["pascal"], device=dev)
+prob = teacher.softmax(1)
+ref = loop(prob)
+orig = method.indicator_map
+for name, fn in (("loop", loop), ("amax", amax), ("topk", topk)):
+    assert torch.equal(fn(prob), ref), name
+    ms = bench(lambda: fn(prob))
+    method.indicator_map = (lambda p, indicator="margin", fn=fn: fn(p))
+    full = bench(lambda: method.pseudo_label_loss(student, teacher, label, 80.0, prior=prior, ground_truth=label)[0].backward())
+    method.indicator_map = orig
+    print(f"{name:5s} margin {ms:.3f} ms   full loss fwd+bwd with gt {full:.3f} ms", flush=True)
