@@ -192,13 +192,26 @@ def _reliable(ind, gamma, indicator):
     return ind < gamma if indicator == "entropy" else ind > gamma
 
 
+def indicator_maps(teacher_logits, indicator="margin", neighbors=4, k=1, prior=None, refine=True):
+    """The dense part of SPEC steps 5-7: the fp32 softmax p, its indicator map, and the indicator
+    map of the refined p (None without refinement).
+
+    Only elementwise work and class reductions, with no data-dependent shapes: this is what
+    `trainer.compile` fuses into a few kernels (see `pseudo_label_target`'s `maps`).
+    """
+    prob = torch.softmax(teacher_logits.float(), dim=1)
+    raw = indicator_map(prob, indicator)
+    return raw, (indicator_map(_refine(prob, neighbors, k, prior), indicator) if refine else None)
+
+
 def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator="margin", neighbors=4,
-                        k=1, prior=None, refine=True, ground_truth=None, ignore_index=255):
+                        k=1, prior=None, refine=True, ground_truth=None, ignore_index=255, maps=None):
     """SPEC steps 5-7: the pseudo-label with unreliable pixels set to `ignore_index`.
 
     Returns (target [B,H,W] int64, stats). gamma always comes from the unrefined
     probabilities; with `refine` the keep/drop decision uses the refined ones, but a kept
-    pixel's class is always its pseudo-label.
+    pixel's class is always its pseudo-label. `maps` replaces `indicator_maps` (the training
+    step passes a torch.compile'd one under `trainer.compile`).
     """
     _check_indicator(indicator)
     if teacher_logits.dim() != 4 or pseudo_label.shape != teacher_logits.shape[:1] + teacher_logits.shape[2:]:
@@ -208,17 +221,13 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
         raise ConfigError(f"keep_percent must lie in [0, 100], got {keep_percent!r}")
     pseudo_label = pseudo_label.long()
     with torch.no_grad(), torch.autocast(teacher_logits.device.type, enabled=False):
-        prob = torch.softmax(teacher_logits.detach().float(), dim=1)
+        maps = indicator_maps if maps is None else maps
+        raw, refined = maps(teacher_logits.detach(), indicator, neighbors, k, prior, refine)
         valid = pseudo_label != ignore_index
-        raw = indicator_map(prob, indicator)
         percent = keep_percent if indicator == "entropy" else 100.0 - keep_percent
         gamma = threshold(raw, valid, percent)
         keep_raw = valid & _reliable(raw, gamma, indicator)
-        if refine:
-            refined = _refine(prob, neighbors, k, prior)
-            keep = valid & _reliable(indicator_map(refined, indicator), gamma, indicator)
-        else:
-            keep = keep_raw
+        keep = valid & _reliable(refined, gamma, indicator) if refine else keep_raw
         target = pseudo_label.masked_fill(~keep, ignore_index)
         if ground_truth is not None and ground_truth.shape != pseudo_label.shape:
             raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
@@ -255,7 +264,8 @@ def _diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index
 
 
 def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, *, indicator="margin",
-                      neighbors=4, k=1, prior=None, refine=True, ground_truth=None, ignore_index=255):
+                      neighbors=4, k=1, prior=None, refine=True, ground_truth=None, ignore_index=255,
+                      maps=None):
     """SPEC step 8: L_u = (B*H*W / kept) * CE(student, target), with target from steps 5-7.
 
     Gradients reach only `student_logits`. The CE is computed in fp32 whatever the input
@@ -267,7 +277,7 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
                          f"{tuple(teacher_logits.shape)} differ in shape")
     target, stats = pseudo_label_target(
         teacher_logits, pseudo_label, keep_percent, indicator=indicator, neighbors=neighbors, k=k,
-        prior=prior, refine=refine, ground_truth=ground_truth, ignore_index=ignore_index)
+        prior=prior, refine=refine, ground_truth=ground_truth, ignore_index=ignore_index, maps=maps)
     with torch.autocast(student_logits.device.type, enabled=False):
         ce_sum = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
         kept = (target != ignore_index).sum().clamp(min=1).float()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s4mc import method
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
 from s4mc.engine.loop import build_state
@@ -178,9 +179,27 @@ def test_compiled_step_matches_eager_and_keeps_plain_modules(eager_and_compiled)
 
 
 def test_no_recompilation_after_first_step(eager_and_compiled):
-    """Step 1 compiles every graph (student; teacher in eval and train mode); later steps reuse them."""
+    """Step 1 compiles every graph (student; teacher in eval and train mode; the loss's indicator
+    maps); later steps reuse them."""
     graphs = eager_and_compiled["graphs"]
     first, last = graphs[0], graphs[STEPS - 1]
     assert first[0] > 0
     assert last[0] == first[0], f"unique graphs grew from {first[0]} after step 1 to {last[0]} after step {STEPS}"
     assert last[1] == first[1], f"dynamo converted {last[1] - first[1]} new frames after step 1"
+
+
+def test_compiled_indicator_maps_match_eager(eager_and_compiled):
+    """The S4MC loss's dense part (softmax, margin, refinement) runs compiled under trainer.compile;
+    its maps equal the eager ones to fp32 rounding, and the threshold built on them agrees."""
+    compiled = eager_and_compiled["compiled"]
+    assert eager_and_compiled["eager"].indicator_maps is None and compiled.indicator_maps is not None
+    num_classes = _cfg(True)["net"]["num_classes"]
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(BATCH, num_classes, SIZE, SIZE, generator=g) * 3  # the step's shapes: no recompile
+    args = ("margin", 4, 1, compiled.prior, True)
+    raw_eager, refined_eager = method.indicator_maps(logits, *args)
+    raw_compiled, refined_compiled = compiled.indicator_maps(logits, *args)
+    assert raw_compiled.dtype == refined_compiled.dtype == torch.float32
+    torch.testing.assert_close(raw_compiled, raw_eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(refined_compiled, refined_eager, rtol=0, atol=1e-6)
+    assert not torch.equal(refined_eager, raw_eager)  # refinement did something to compare

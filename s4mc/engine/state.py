@@ -41,6 +41,7 @@ class TrainState:
     # run never recompiles for the varying image sizes of whole-image evaluation.
     student_forward: object | None = None
     teacher_forward: object | None = None
+    indicator_maps: object | None = None  # compiled method.indicator_maps, passed as the loss's `maps`
 
     @property
     def student_module(self) -> nn.Module:

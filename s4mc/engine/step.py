@@ -130,6 +130,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
             _upsample(out["pred"][n_l:], size), _upsample(out_t["pred"][n_l:], size), pseudo, keep,
             indicator=unsup["indicator"], neighbors=unsup["neighborhood_size"], k=unsup["num_neighbors"],
             prior=state.prior, refine=unsup["refine"], ground_truth=gt_u, ignore_index=cfg["dataset"]["ignore_index"],
+            maps=state.indicator_maps,
         )
         total = loss_sup + unsup["unsup_weight"] * loss_unsup
         if state.capture_visuals:
