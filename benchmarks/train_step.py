@@ -59,8 +59,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_step(state, cfg, batches, iters: int, warmup: int) -> list[float]:
-    """Per-iteration wall time, measured with one host sync at each end of a window of steps."""
+def time_step(state, cfg, batches, iters: int, warmup: int) -> tuple[float, list[float]]:
+    """(first step's wall time, per-iteration times of the timed window). The first step carries
+    compilation and cuDNN autotuning; the window has one host sync at each end on CUDA."""
     labeled, unlabeled = batches
     sync(state.device)
     t0 = time.perf_counter()

@@ -217,6 +217,9 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
     if teacher_logits.dim() != 4 or pseudo_label.shape != teacher_logits.shape[:1] + teacher_logits.shape[2:]:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match pseudo-label "
                          f"{tuple(pseudo_label.shape)}; expected [B,C,H,W] and [B,H,W]")
+    if ground_truth is not None and ground_truth.shape != pseudo_label.shape:
+        raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
+                         f"{tuple(pseudo_label.shape)}")
     if not 0.0 <= float(keep_percent) <= 100.0:
         raise ConfigError(f"keep_percent must lie in [0, 100], got {keep_percent!r}")
     pseudo_label = pseudo_label.long()
@@ -229,9 +232,6 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
         keep_raw = valid & _reliable(raw, gamma, indicator)
         keep = valid & _reliable(refined, gamma, indicator) if refine else keep_raw
         target = pseudo_label.masked_fill(~keep, ignore_index)
-        if ground_truth is not None and ground_truth.shape != pseudo_label.shape:
-            raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
-                             f"{tuple(pseudo_label.shape)}")
         stats = {"threshold": gamma, **_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index)}
     return target, stats
 

@@ -281,6 +281,8 @@ def test_bad_input_names_the_value():
         method.pseudo_label_loss(student, teacher, label[:, :5], 80.0)
     with pytest.raises(ConfigError, match="120"):
         method.pseudo_label_loss(student, teacher, label, 120)
+    with pytest.raises(ValueError, match="ground truth"):
+        method.pseudo_label_loss(student, teacher, label, 80.0, ground_truth=label[:, :5])
 
 
 def test_resolve_prior(tmp_path):
