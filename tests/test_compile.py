@@ -19,6 +19,7 @@ import torch
 from s4mc import method
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
+from s4mc.errors import ConfigError
 from s4mc.engine.loop import build_state
 from s4mc.engine.step import train_step
 
@@ -203,3 +204,9 @@ def test_compiled_indicator_maps_match_eager(eager_and_compiled):
     torch.testing.assert_close(raw_compiled, raw_eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(refined_compiled, refined_eager, rtol=0, atol=1e-6)
     assert not torch.equal(refined_eager, raw_eager)  # refinement did something to compare
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("s4mc.engine.loop.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="trainer.compile"):
+        build_state(_cfg(True), DistInfo(device=torch.device("cpu")), iters_per_epoch=10)

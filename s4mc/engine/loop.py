@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -149,6 +150,9 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
         wrapped = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
     student_forward = teacher_forward = indicator_maps = None
     if tr["compile"]:
+        if dist.device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "cc")):
+            raise ConfigError("trainer.compile: true on the CPU needs a C++ compiler (g++, c++ or cc) on PATH, "
+                              "and none was found; install one or set trainer.compile: false")
         # Static shapes: training batches never change size (drop_last), and a dynamic-shape
         # graph would be slower. The wrappers share parameters with the plain modules.
         student_forward = torch.compile(wrapped, dynamic=False)
