@@ -82,6 +82,7 @@ import torch
 import torch.nn.functional as F
 
 from s4mc.errors import CheckpointError, ConfigError
+from s4mc.percentile import masked_percentile
 
 __all__ = [
     "ContrastiveSettings",
@@ -501,26 +502,6 @@ def _resize_probs(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(prob, size=size, mode="bilinear", align_corners=True)
 
 
-def _masked_percentile(values: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
-    """numpy-style (linear) percentile of ``values[valid]`` in float64, with no host sync.
-
-    Invalid entries are sorted to the end as +inf, and the two order statistics are read at
-    an index that is a device tensor. With no valid entry the result is NaN, so every
-    comparison against it is False.
-    """
-    v = values.reshape(-1).double().masked_fill(~valid.reshape(-1), float("inf"))
-    s = torch.sort(v).values
-    n = valid.sum()
-    pos = (n - 1).clamp(min=0).double() * (q / 100.0)
-    lo = pos.floor().long()
-    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-    frac = pos - lo.double()
-    lo_v, hi_v = s.gather(0, lo.view(1))[0], s.gather(0, hi.view(1))[0]
-    # When lo == hi, frac is 0. Avoid inf - inf when the lower value is finite but the upper is not.
-    out = lo_v + torch.where(frac > 0, (hi_v - lo_v) * frac, torch.zeros_like(frac))
-    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
-
-
 def _sample_masked(mask: torch.Tensor, num: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``mask`` [K, N], draw ``num`` column indices uniformly among its True
     entries, with replacement. Returns ``(indices [K, num], counts [K])``.
@@ -618,8 +599,8 @@ def contrastive_loss(
             entropy = -(prob * torch.log(prob + 1e-10)).sum(dim=1)
             alpha, beta = entropy_percentiles_at(settings, epoch, epochs)
             valid_u = valid & ~is_lab
-            low_t = _masked_percentile(entropy, valid_u, alpha)
-            high_t = _masked_percentile(entropy, valid_u, beta)
+            low_t = masked_percentile(entropy, valid_u, alpha, empty=math.nan)
+            high_t = masked_percentile(entropy, valid_u, beta, empty=math.nan)
             reliable = valid & (is_lab | (entropy.double() <= low_t))
             if settings.negative_high_entropy:
                 unreliable = valid & (is_lab | (entropy.double() >= high_t))

@@ -1,7 +1,8 @@
 """The S4MC idea as pure tensor functions (SPEC.md, steps 5-8).
 
-- step 5 (DPA): `keep_percent_at` gives the keep-percent kappa, `indicator_map` the
-  per-pixel confidence indicator and `threshold` the percentile gamma over valid pixels;
+- step 5 (DPA): `indicator_map` gives the per-pixel confidence indicator and `threshold`
+  the percentile gamma over valid pixels (the keep-percent kappa's schedule is
+  `s4mc.engine.schedule.keep_percent_at`);
 - step 6 (PLR): `refine` folds the k largest neighbour probabilities into each pixel;
 - steps 7-8: `pseudo_label_target` drops the unreliable pixels and `pseudo_label_loss`
   adds U2PL's scaled cross-entropy on top.
@@ -14,7 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .diagnostics import pseudo_label_diagnostics
 from .errors import ConfigError
+from .percentile import masked_percentile
 
 INDICATORS = ("margin", "confidence", "entropy")
 BETA = math.exp(-0.5)
@@ -22,25 +25,6 @@ _NEIGHBOUR_OFFSETS = {
     4: ((-1, 0), (1, 0), (0, -1), (0, 1)),
     8: ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)),
 }
-
-
-def keep_percent_at(epoch, epochs, start=60.0, *, iteration=None, iters_per_epoch=None):
-    """Keep-percent kappa = 100 - (100 - kappa0)(1 - epoch/epochs) of SPEC step 5.
-
-    The release steps it once per epoch (`epoch` counts from 0); give `iteration` and
-    `iters_per_epoch` to move it smoothly within the epoch instead.
-    """
-    if epochs <= 0:
-        raise ConfigError(f"epochs must be positive for the keep-percent schedule, got {epochs!r}")
-    if not 0.0 <= start <= 100.0:
-        raise ConfigError(f"keep_percent must lie in [0, 100], got {start!r}")
-    progress = float(epoch)
-    if iteration is not None:
-        if not iters_per_epoch or iters_per_epoch <= 0:
-            raise ConfigError(f"iters_per_epoch must be positive with iteration=, got {iters_per_epoch!r}")
-        progress += iteration / iters_per_epoch
-    progress = min(max(progress / epochs, 0.0), 1.0)
-    return 100.0 - (100.0 - start) * (1.0 - progress)
 
 
 def _check_indicator(indicator):
@@ -70,58 +54,15 @@ def indicator_map(prob, indicator="margin"):
 
 
 def threshold(indicator_map, valid, percent):
-    """numpy.percentile(indicator_map[valid], percent) ("linear"), as a float64 0-dim tensor.
-
-    SPEC step 5. Works on any size (unlike torch.quantile) and, off the CPU, never syncs
-    with the host: see `_order_statistics`. With no valid pixel the result is 0.
+    """SPEC step 5's gamma: numpy.percentile(indicator_map[valid], percent) ("linear"), as a
+    float64 0-dim tensor; 0 with no valid pixel. Never syncs with the GPU (see s4mc.percentile).
     """
     if indicator_map.shape != valid.shape:
         raise ValueError(f"indicator map {tuple(indicator_map.shape)} and valid mask "
                          f"{tuple(valid.shape)} differ in shape")
     if not 0.0 <= float(percent) <= 100.0:
         raise ValueError(f"percentile must lie in [0, 100], got {percent!r}")
-    values = indicator_map.detach().reshape(-1)
-    if values.dtype not in (torch.float32, torch.float64):
-        values = values.float()
-    valid = valid.reshape(-1)
-    if values.device.type == "cpu":
-        a, b, t, any_valid = _order_statistics_cpu(values, valid, float(percent))
-    else:
-        a, b, t, any_valid = _order_statistics(values, valid, float(percent))
-    # torch.lerp interpolates from the nearer end (t < 0.5: a + t(b-a), else b - (1-t)(b-a)),
-    # as numpy's percentile does, so t=1 returns b exactly.
-    return torch.where(any_valid, torch.lerp(a, b, t), 0.0)
-
-
-def _order_statistics(values, valid, percent):
-    """Device path: invalid entries go to +inf so the first n_valid sorted values are the
-    valid ones, and both order statistics are gathered with device-side indices (boolean
-    indexing or .item() would sync)."""
-    # Sorted in the map's own precision (fp32): the conversion to float64 is exact and
-    # monotone, so the two order statistics equal those of a float64 sort, at half the
-    # radix passes.
-    values = values.masked_fill(~valid, math.inf).sort().values
-    count = valid.sum()
-    last = (count - 1).clamp(min=0)
-    position = last.to(torch.float64).mul(percent / 100.0)
-    lo = position.floor()
-    index = torch.stack([lo, lo + 1]).long().clamp(max=last)
-    a, b = values.index_select(0, index).to(torch.float64)
-    return a, b, position - lo, count > 0
-
-
-def _order_statistics_cpu(values, valid, percent):
-    """CPU path: syncs are free here, and selection (kthvalue) beats a full sort."""
-    values = values[valid]
-    n = values.numel()
-    if n == 0:
-        zero = torch.zeros((), dtype=torch.float64)
-        return zero, zero, zero, torch.tensor(False)
-    position = (n - 1) * (percent / 100.0)
-    lo = math.floor(position)
-    a = values.kthvalue(lo + 1).values.to(torch.float64)
-    b = values.kthvalue(lo + 2).values.to(torch.float64) if lo + 1 < n else a
-    return a, b, torch.tensor(position - lo, dtype=torch.float64), torch.tensor(True)
+    return masked_percentile(indicator_map, valid, percent)
 
 
 def _resolve_prior(prior, num_classes, like):
@@ -232,35 +173,8 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
         keep_raw = valid & _reliable(raw, gamma, indicator)
         keep = valid & _reliable(refined, gamma, indicator) if refine else keep_raw
         target = pseudo_label.masked_fill(~keep, ignore_index)
-        stats = {"threshold": gamma, **_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index)}
-    return target, stats
-
-
-def _diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index):
-    """Kept fractions, refinement flips and (with ground truth) kept accuracy, as 0-dim tensors.
-
-    All counts come from one reduction over the stacked masks (exact int64), not from some
-    twenty small reductions per step.
-    """
-    both = keep & keep_raw  # keep and keep_raw are subsets of valid
-    masks = [valid, keep, keep_raw, both]
-    if ground_truth is not None:
-        labelled = ground_truth != ignore_index
-        right = labelled & (pseudo_label == ground_truth)
-        masks += [keep & labelled, keep & right, keep_raw & labelled, keep_raw & right]
-    counts = torch.stack([m.reshape(-1) for m in masks]).sum(dim=1).to(torch.float64)
-    n_valid = counts[0].clamp(min=1)
-    stats = {
-        "kept_fraction": counts[1] / n_valid,
-        "kept_fraction_unrefined": counts[2] / n_valid,
-        "flipped_to_keep": counts[1] - counts[3],
-        "flipped_to_drop": counts[2] - counts[3],
-    }
-    if ground_truth is not None:
-        # 0 when no kept pixel has ground truth, so averaged logs stay finite.
-        stats["kept_accuracy"] = counts[5] / counts[4].clamp(min=1)
-        stats["kept_accuracy_unrefined"] = counts[7] / counts[6].clamp(min=1)
-    return stats
+        stats = pseudo_label_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index)
+    return target, {"threshold": gamma, **stats}
 
 
 def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, *, indicator="margin",

@@ -74,3 +74,14 @@ def make_toy_cfg(root: Path, out: Path, **overrides) -> dict:
 def toy_cfg():
     """Build a validated config for the tiny toy data; keyword overrides are dotted keys."""
     return make_toy_cfg
+
+
+@pytest.fixture(params=["cpu-selection", "device-sort"])
+def percentile_path(request, monkeypatch):
+    """Run a percentile test through both implementations of s4mc.percentile: selection
+    (the CPU's) and the sync-free sort that CUDA takes, which runs on the CPU as well."""
+    from s4mc import percentile
+
+    if request.param == "device-sort":
+        monkeypatch.setattr(percentile, "_order_statistics_cpu", percentile._order_statistics)
+    return request.param

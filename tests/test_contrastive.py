@@ -9,7 +9,6 @@ import torch
 from s4mc.contrastive import (
     ContrastiveMemory,
     ContrastiveSettings,
-    _masked_percentile,
     _resize_labels,
     all_gather_rows,
     contrastive_loss,
@@ -166,17 +165,6 @@ def test_entropy_schedule():
     a, b = entropy_percentiles_at(s, 40, 80)
     assert math.isclose(a, 10.0) and math.isclose(b, 90.0)  # release: 100 - alpha_t
     assert entropy_percentiles_at(s, 80, 80) == (0.0, 100.0)
-
-
-def test_masked_percentile_matches_numpy():
-    g = torch.Generator().manual_seed(0)
-    v = torch.rand(1000, generator=g)
-    m = torch.rand(1000, generator=g) < 0.3
-    for q in (0.0, 7.5, 20.0, 50.0, 80.0, 100.0):
-        ours = _masked_percentile(v, m, q).item()
-        ref = np.percentile(v[m].double().numpy(), q)
-        assert math.isclose(ours, ref, rel_tol=0, abs_tol=1e-12)
-    assert math.isnan(_masked_percentile(v, torch.zeros_like(m), 50.0).item())
 
 
 def test_labels_resized_on_the_align_corners_grid():

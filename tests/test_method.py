@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from s4mc import method
+from s4mc.engine.schedule import keep_percent_at
 from s4mc.errors import ConfigError
 from s4mc.priors_table import PRIORS, resolve_prior
 
@@ -82,14 +83,6 @@ def test_margin_equals_sorted_top2_difference(ties):
 
 
 # ---------------------------------------------------------------- threshold
-
-@pytest.fixture(params=["cpu-selection", "device-sort"])
-def percentile_path(request, monkeypatch):
-    """Run a threshold test through both implementations (the sort path is the GPU one)."""
-    if request.param == "device-sort":
-        monkeypatch.setattr(method, "_order_statistics_cpu", method._order_statistics)
-    return request.param
-
 
 @pytest.mark.parametrize("seed", range(6))
 def test_threshold_equals_numpy_percentile(seed, percentile_path):
@@ -260,10 +253,10 @@ def test_diagnostics_on_a_known_case():
 # ---------------------------------------------------------------- schedule and errors
 
 def test_keep_percent_schedule():
-    assert method.keep_percent_at(0, 80) == 60.0
-    assert method.keep_percent_at(40, 80) == pytest.approx(80.0)
-    assert method.keep_percent_at(80, 80) == 100.0
-    assert method.keep_percent_at(1, 80, 60.0, iteration=50, iters_per_epoch=100) == pytest.approx(
+    assert keep_percent_at(0, 80) == 60.0
+    assert keep_percent_at(40, 80) == pytest.approx(80.0)
+    assert keep_percent_at(80, 80) == 100.0
+    assert keep_percent_at(1, 80, 60.0, iteration=50, iters_per_epoch=100) == pytest.approx(
         100 - 40 * (1 - 1.5 / 80))
 
 

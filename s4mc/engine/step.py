@@ -14,7 +14,7 @@ from s4mc import method, mixing
 from s4mc.engine.contrastive_term import contrastive_term
 from s4mc.engine.ema import copy_parameters, ema_update
 from s4mc.engine.losses import supervised_loss
-from s4mc.engine.schedule import ema_momentum, set_lr
+from s4mc.engine.schedule import ema_momentum, keep_percent_at, set_lr
 from s4mc.engine.state import TrainState
 
 
@@ -121,7 +121,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
             out_t = teacher_fwd(torch.cat([x_l, x_mix_teacher]))
 
         # 5-8. Threshold on unrefined p, refine, mask, scaled CE (all fp32/fp64 inside).
-        keep = method.keep_percent_at(
+        keep = keep_percent_at(
             state.epoch, tr["epochs"], unsup["keep_percent"],
             **({"iteration": state.iteration % state.iters_per_epoch, "iters_per_epoch": state.iters_per_epoch}
                if unsup["keep_schedule"] == "iteration" else {}),
