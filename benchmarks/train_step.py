@@ -1,4 +1,4 @@
-"""Time the real training step (s4mc.engine.step.train_step) on synthetic batches.
+r"""Time the real training step (s4mc.engine.step.train_step) on synthetic batches.
 
     python benchmarks/train_step.py                       # CPU: tiny toy model, tiny size
     python benchmarks/train_step.py --config experiments/pascal/366/config.yaml --batch 8 --size 513 \
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=513 if on_gpu else 64, help="square crop size")
     parser.add_argument("--amp", nargs="+", default=["bf16" if on_gpu else "off"], choices=("off", "bf16", "fp16"))
     parser.add_argument("--channels-last", choices=("on", "off", "both"), default="on" if on_gpu else "off")
-    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
+    parser.add_argument("--compile", action="store_true", help="trainer.compile: torch.compile the student, the teacher and the loss's dense maps")
     parser.add_argument("--release-baseline", action="store_true", help="fp32, no channels_last, release-style loss")
     parser.add_argument("--iters", type=int, default=20 if on_gpu else 3)
     parser.add_argument("--warmup", type=int, default=5 if on_gpu else 1)
