@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from s4mc.engine.checkpoint import load_training_checkpoint
 from s4mc.errors import CheckpointError, ConfigError
 from s4mc.models import (
     build_model,
@@ -348,6 +351,50 @@ def test_checkpoint_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="not found.*nope.pth"):
         load_checkpoint(model, tmp_path / "nope.pth")
+
+
+def test_release_checkpoint_with_numpy_scalars_loads(tmp_path):
+    """U2PL/S4MC checkpoints store best_miou as numpy.float64; a weights-only load must still take
+    them, whether the file was pickled under numpy 2 (numpy._core) or numpy 1 (numpy.core)."""
+    teacher = tiny_model(seed=5)
+    ckpt = {"epoch": np.int64(40), "best_miou": np.float64(0.7312), "optimizer_state": {},
+            "model_state": _prefixed(teacher.state_dict()), "teacher_state": _prefixed(teacher.state_dict())}
+    x = torch.randn(1, 3, 65, 65)
+    new_style, old_style = tmp_path / "numpy2.pth", tmp_path / "numpy1.pth"
+    torch.save(ckpt, new_style)
+    # The legacy (non-zip) format keeps the pickle as plain bytes, so numpy 1's module name can be
+    # written in; the pickle's GLOBAL opcode is newline-terminated, so the length may change.
+    torch.save(ckpt, old_style, _use_new_zipfile_serialization=False)
+    old_style.write_bytes(old_style.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in old_style.read_bytes()
+    for path in (new_style, old_style):
+        fresh = tiny_model(seed=6)
+        info = load_checkpoint(fresh, path)
+        assert info["best_miou"] == pytest.approx(0.7312) and type(info["best_miou"]) is float
+        assert info["epoch"] == 40 and type(info["epoch"]) is int
+        assert torch.equal(outputs(fresh, x)["pred"], outputs(teacher, x)["pred"])
+
+
+def test_unreadable_checkpoints_are_named_and_explained(tmp_path):
+    model = tiny_model()
+    good = tmp_path / "good.pth"
+    torch.save({"teacher_state": model.state_dict()}, good)
+    garbage, truncated, foreign = tmp_path / "garbage.pth", tmp_path / "truncated.pth", tmp_path / "foreign.pth"
+    garbage.write_bytes(b"this is not a checkpoint\n" * 10)
+    truncated.write_bytes(good.read_bytes()[:200])
+    torch.save({"teacher_state": model.state_dict(), "args": argparse.Namespace(lr=0.01)}, foreign)
+    for path in (garbage, truncated):
+        for load in (lambda p: load_checkpoint(model, p), load_training_checkpoint):
+            with pytest.raises(CheckpointError) as e:
+                load(path)
+            msg = str(e.value)
+            assert str(path) in msg and "damaged or truncated" in msg
+            assert "weights_only` set to `False` will likely succeed" not in msg  # torch's advice misleads here
+    with pytest.raises(CheckpointError, match=r"foreign\.pth holds an object of type argparse\.Namespace"):
+        load_checkpoint(model, foreign)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"list\.pth is not a training checkpoint: it holds a list"):
+        load_training_checkpoint(tmp_path / "list.pth")
 
 
 # ----------------------------------------------------------------- SyncBatchNorm

@@ -17,6 +17,7 @@ import torch
 from s4mc.distributed import all_gather_object
 from s4mc.engine.state import TrainState
 from s4mc.errors import CheckpointError
+from s4mc.models.weights import check_state_dict, load_tensor_file
 
 FORMAT_VERSION = 1
 
@@ -78,10 +79,9 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"resume checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    ckpt = load_tensor_file(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a training checkpoint: it holds a {type(ckpt).__name__}, not a dict")
     missing = [k for k in ("model_state", "teacher_state", "optimizer_state", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint: it lacks {missing}")
@@ -90,8 +90,6 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
 
 def restore(state: TrainState, ckpt: dict, path: str) -> None:
     """Load a training checkpoint into `state` (every rank), strictly."""
-    from s4mc.models.weights import check_state_dict
-
     def strip(sd):
         return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 

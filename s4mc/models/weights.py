@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,12 +94,44 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, Any], source: str, what
     raise CheckpointError("\n".join(parts))
 
 
-def _torch_load(path: Path, map_location: Any) -> Any:
+def _numpy_globals() -> list:
+    """The numpy objects a weights-only load may rebuild: U2PL/S4MC checkpoints hold
+    ``best_miou`` as a numpy.float64 (the mean of a numpy IoU array). A file pickled under numpy 1
+    names the module numpy.core, under numpy 2 numpy._core, so both names are allowed."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
+    allowed: list = [np.dtype, np.ndarray]
+    # numpy >= 1.25 rebuilds a dtype's state through its class (numpy.dtypes.Float64DType, ...).
+    allowed += [t for t in vars(getattr(np, "dtypes", object())).values() if isinstance(t, type)]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    return allowed
+
+
+def load_tensor_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` that also accepts numpy scalars and arrays, and turns a
+    damaged file or a refused object into a ``CheckpointError`` naming the file."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's unpickler fails with anything from IndexError to RuntimeError
+        text = str(e)
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", text)
+        if refused:
+            kind = refused.group(1) or refused.group(2)
+            raise CheckpointError(
+                f"{path} holds an object of type {kind}, which a weights-only load refuses because "
+                f"unpickling it could run code. If the file is from a trusted source, load it once with "
+                f"torch.load(..., weights_only=False) and re-save only its tensors, numbers and strings."
+            ) from e
+        # torch's own text after its advice, else its first line (the advice to retry with
+        # weights_only=False is wrong for a damaged file).
+        detail = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        detail = detail.splitlines()[0].split(". ")[0] if detail else type(e).__name__
         raise CheckpointError(
-            f"cannot read {path} as a tensor file with torch.load(weights_only=True): {type(e).__name__}: {e}"
+            f"cannot read {path}: not a PyTorch checkpoint, or a damaged or truncated one ({detail})"
         ) from e
 
 
@@ -156,7 +189,7 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
         p = Path(path).expanduser()
         if not p.is_file():
             raise CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {p}. {U2PL_BACKBONE_HINT}")
-        sd = _torch_load(p, "cpu")
+        sd = load_tensor_file(p, "cpu")
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping):
@@ -183,7 +216,7 @@ def load_checkpoint(
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint file not found: {p}")
-    ckpt = _torch_load(p, map_location)
+    ckpt = load_tensor_file(p, map_location)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
     state_key = None
@@ -206,7 +239,9 @@ def load_checkpoint(
     check_state_dict(model, sd, f"{p}" + (f" [{state_key}]" if state_key else ""), "checkpoint")
     model.load_state_dict(sd, strict=True)
     log.info("loaded %s from %s", state_key or "state dict", p)
-    return {"path": str(p), "state_key": state_key, "epoch": ckpt.get("epoch"), "best_miou": ckpt.get("best_miou")}
+    epoch, best = ckpt.get("epoch"), ckpt.get("best_miou")
+    return {"path": str(p), "state_key": state_key, "epoch": None if epoch is None else int(epoch),
+            "best_miou": None if best is None else float(best)}
 
 
 def maybe_sync_bn(model: nn.Module, enabled: bool, distributed: bool, device: Any) -> nn.Module:
