@@ -375,7 +375,7 @@ def test_release_checkpoint_with_numpy_scalars_loads(tmp_path):
         assert torch.equal(outputs(fresh, x)["pred"], outputs(teacher, x)["pred"])
 
 
-def test_unreadable_checkpoints_are_named_and_explained(tmp_path):
+def test_unreadable_checkpoints_are_named_and_explained(tmp_path, monkeypatch):
     model = tiny_model()
     good = tmp_path / "good.pth"
     torch.save({"teacher_state": model.state_dict()}, good)
@@ -392,6 +392,14 @@ def test_unreadable_checkpoints_are_named_and_explained(tmp_path):
             assert "weights_only` set to `False` will likely succeed" not in msg  # torch's advice misleads here
     with pytest.raises(CheckpointError, match=r"foreign\.pth holds an object of type argparse\.Namespace"):
         load_checkpoint(model, foreign)
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", denied)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(model, good)
+        assert str(e.value) == f"cannot read {good}: Permission denied"
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth is not a training checkpoint: it holds a list"):
         load_training_checkpoint(tmp_path / "list.pth")

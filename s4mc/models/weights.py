@@ -3,7 +3,8 @@
 Every load is strict: a missing, unexpected or wrongly shaped key raises ``CheckpointError`` naming
 the keys (with shapes) and the file, because a silently half-loaded backbone trains to a plausible
 but much worse mIoU and is very hard to spot afterwards. Files are read with
-``torch.load(weights_only=True)`` so a checkpoint cannot run code on load.
+``torch.load(weights_only=True)`` (numpy scalars and arrays allowed, as the release saved them) so a
+checkpoint cannot run code on load.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def load_tensor_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpickler fails with anything from IndexError to RuntimeError
+        if isinstance(e, OSError):  # the file system's fault, not the file's content
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
         text = str(e)
         refused = re.search(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", text)
         if refused:
