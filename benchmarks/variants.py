@@ -1,81 +1,237 @@
-"""Train the rows of the results table on the toy dataset with one iteration budget and
-print final mIoU and the pseudo-label diagnostics (the paper's quantity/quality view).
+"""The toy study: train each row of the results table from the same starting point with the same
+budget, for several seeds, and report every seed (docs/method.md, "What the toy study shows").
 
-    python benchmarks/variants.py                    # toy config, ~8 minutes on 2 CPU cores
-    python benchmarks/variants.py --variants s4mc cutmix_seg --opts trainer.epochs=6
+    python benchmarks/variants.py --seeds 0 1 2 --json study.json --plot study.png
+    python benchmarks/variants.py --variants supervised s4mc --seeds 0 --opts trainer.epochs=4
 
-Rows: supervised only (20 labeled images, same number of iterations), CutMix-Seg
-(S4MC's loop without refinement), S4MC, S4MC psi (plus the photometric strong view).
-kept = share of valid unlabeled pixels that enter the loss; acc = accuracy of those kept
-pseudo-labels against the toy set's ground truth; both means over the logged windows,
-with and without refinement (the same gamma).
+Rows (each is the config a user would run, plus one switch):
+  supervised      trainer.mode=sup on the labeled split, trainer.sup_epoch_length=unlabeled
+                  (the labeled stream of a semi run: same iterations, schedule and batches)
+  supervised_all  the same on every training label (the ceiling the split is measured against)
+  cutmix_seg      the semi loop without refinement (trainer.unsupervised.refine=false)
+  s4mc            the config as it is (S4MC + CutMix-Seg)
+  s4mc_psi        plus the photometric strong view (trainer.unsupervised.strong_aug=true)
+
+Every row starts from the config's starting point (the toy's pretrained encoder) and runs the
+config's epochs; nothing is tuned per row. "kept" is the share of valid unlabeled pixels that enter
+the loss, "kept acc." the accuracy of those pseudo-labels against the (unused) ground truth,
+averaged over the logged windows of training; "unref." is the same without the refinement, at the
+same threshold gamma. --plot draws mIoU per row (mean, std, every seed) and those two quantities
+over training, refined (solid) and unrefined (dashed), averaged over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from s4mc.config import load_config  # noqa: E402
-from s4mc.engine.loop import train  # noqa: E402
+from s4mc.errors import S4MCError  # noqa: E402
 
+SUPERVISED = ["trainer.mode=sup", "trainer.sup_epoch_length=unlabeled"]
 VARIANTS = {
-    "supervised": ["trainer.mode=sup"],
+    "supervised": SUPERVISED,
+    "supervised_all": SUPERVISED,  # + the all-labels list, see row_overrides
     "cutmix_seg": ["trainer.unsupervised.refine=false"],
     "s4mc": [],
     "s4mc_psi": ["trainer.unsupervised.strong_aug=true"],
 }
+DEFAULT_VARIANTS = ["supervised", "supervised_all", "cutmix_seg", "s4mc", "s4mc_psi"]
+SEMI_ROWS = ("cutmix_seg", "s4mc")  # the ordering the paper's tables show: s4mc > cutmix_seg > supervised
+DIAGNOSTICS = {"kept": "kept_fraction", "kept_unrefined": "kept_fraction_unrefined",
+               "kept_accuracy": "kept_accuracy", "kept_accuracy_unrefined": "kept_accuracy_unrefined"}
+
+
+def row_overrides(name: str, base: dict, all_labels_list: str | None) -> list[str]:
+    opts = list(VARIANTS[name])
+    if name == "supervised_all":
+        path = all_labels_list or str(Path(base["dataset"]["train"]["data_root"]) / "splits" / "train_all.txt")
+        if not Path(path).is_file():
+            raise S4MCError(f"supervised_all needs a list of every training image with labels: {path} not found "
+                            f"(pass --all-labels-list)")
+        # the semi rows' unlabeled list still sets the epoch length (trainer.sup_epoch_length)
+        opts += [f"dataset.train.data_list={path}",
+                 f"dataset.train.unlabeled_list={base['dataset']['train']['unlabeled_list']}"]
+    return opts
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    miou = [100 * r["final"]["miou"] for r in runs]
+    mean, std = mean_std(miou)
+    row = {"miou": [round(v, 2) for v in miou], "mean": round(mean, 2), "std": round(std, 2),
+           "best": [round(100 * r["best_miou"], 2) for r in runs],
+           "iterations": [r["iterations"] for r in runs], "seconds": [round(r["seconds"], 1) for r in runs]}
+    for out_key, key in DIAGNOSTICS.items():
+        values = [100 * r["diagnostics"][key] for r in runs if key in r.get("diagnostics", {})]
+        if values:
+            row[out_key] = round(statistics.fmean(values), 2)
+            row[out_key + "_per_seed"] = [round(v, 2) for v in values]
+    return row
+
+
+def read_curves(run_dir: Path) -> list[dict]:
+    """The run's logged training windows (iteration and pseudo-label diagnostics)."""
+    from s4mc.plots import load_run
+
+    keys = ("iteration", *DIAGNOSTICS.values())
+    return [{k: r[k] for k in keys if k in r} for r in load_run(run_dir)["train"] if "kept_fraction" in r]
+
+
+def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    """Average a diagnostic over seeds at the iterations every seed logged."""
+    per_seed = [{r["iteration"]: r[key] for r in c if key in r} for c in curves]
+    common = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    return common, [100 * statistics.fmean(s[i] for s in per_seed) for i in common]
+
+
+def check_ordering(rows: dict) -> list[tuple[str, bool]]:
+    """Issue 15's criteria, evaluated on the means and seed standard deviations measured."""
+    checks = []
+    have = set(rows)
+    if {"supervised", "supervised_all"} <= have:
+        s, a = rows["supervised"], rows["supervised_all"]
+        checks.append((f"learnable: all labels {a['mean']:.2f} >= 75", a["mean"] >= 75))
+        checks.append((f"few labels leave a gap: {a['mean'] - s['mean']:.2f} >= 15 points",
+                       a["mean"] - s["mean"] >= 15))
+    order = [n for n in ("supervised", *SEMI_ROWS) if n in have]
+    for lo, hi in zip(order, order[1:]):
+        gap = rows[hi]["mean"] - rows[lo]["mean"]
+        noise = max(rows[hi]["std"], rows[lo]["std"])
+        checks.append((f"{hi} > {lo} by {gap:+.2f}, more than the larger seed std {noise:.2f}", gap > noise))
+    if {"supervised", "supervised_all", "s4mc"} <= have:
+        s, a, m = rows["supervised"]["mean"], rows["supervised_all"]["mean"], rows["s4mc"]["mean"]
+        share = (m - s) / (a - s) if a != s else float("nan")
+        checks.append((f"s4mc closes {100 * share:.0f}% of the supervised -> all-labels gap (>= 33%)",
+                       share >= 1 / 3))
+    if {"cutmix_seg", "s4mc"} <= have and "kept" in rows["s4mc"] and "kept" in rows["cutmix_seg"]:
+        c, m = rows["cutmix_seg"], rows["s4mc"]
+        checks.append((f"s4mc keeps more pixels ({m['kept']:.1f}% vs {c['kept']:.1f}%) at equal or higher "
+                       f"accuracy ({m['kept_accuracy']:.1f}% vs {c['kept_accuracy']:.1f}%)",
+                       m["kept"] > c["kept"] and m["kept_accuracy"] >= c["kept_accuracy"]))
+    return checks
+
+
+def plot(path: Path, rows: dict, curves: dict, seeds: list[int]) -> None:
+    from s4mc.plots import pyplot
+
+    plt = pyplot()
+    fig, (ax_miou, ax_kept, ax_acc) = plt.subplots(1, 3, figsize=(17, 4.8),
+                                                   gridspec_kw={"width_ratios": [1.1, 1, 1]})
+    names = list(rows)
+    colours = {n: f"C{i}" for i, n in enumerate(names)}
+    for i, n in enumerate(names):
+        r = rows[n]
+        ax_miou.bar(i, r["mean"], yerr=r["std"], color=colours[n], alpha=0.75, capsize=5)
+        ax_miou.scatter([i] * len(r["miou"]), r["miou"], color="black", s=12, zorder=3)
+        ax_miou.text(i, r["mean"] + r["std"] + 0.6, f"{r['mean']:.1f}", ha="center", fontsize=8)
+    ax_miou.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    low = min(min(r["miou"]) for r in rows.values())
+    ax_miou.set_ylim(max(0, low - 8), max(max(r["miou"]) for r in rows.values()) + 5)
+    ax_miou.set_ylabel("final mIoU (%)")
+    ax_miou.set_title(f"(a) mIoU, mean ± std over seeds {' '.join(map(str, seeds))} (dots: each seed)", fontsize=9)
+    for ax, key, title in ((ax_kept, "kept_fraction", "(b) quantity: kept unlabeled pixels"),
+                           (ax_acc, "kept_accuracy", "(c) quality: accuracy of kept pseudo-labels")):
+        for n in names:
+            if not curves.get(n):
+                continue
+            x, y = mean_curve(curves[n], key)
+            ax.plot(x, y, color=colours[n], label=f"{n} (refined)" if n != "cutmix_seg" else n)
+            if n != "cutmix_seg":  # without refinement the two curves coincide
+                xu, yu = mean_curve(curves[n], key + "_unrefined")
+                ax.plot(xu, yu, color=colours[n], linestyle="--", label=f"{n} (unrefined, same γ)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("%")
+        ax.set_title(title + ", mean over seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "experiments" / "toy" / "config.yaml"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--opts", nargs="*", default=[], help="overrides applied to every variant")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="run directory root (default: a temporary folder)")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                        help="rows to run (default: %(default)s)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds, each row runs every one")
+    parser.add_argument("--opts", nargs="*", default=[], help="overrides applied to every row alike")
+    parser.add_argument("--all-labels-list", default=None,
+                        help="split listing every training image (supervised_all; default: "
+                             "<train data_root>/splits/train_all.txt, which the toy generator writes)")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="write the figure here (PNG; needs matplotlib)")
     args = parser.parse_args(argv)
 
+    if args.plot:
+        from s4mc.plots import pyplot
+
+        try:
+            pyplot()
+        except S4MCError as e:  # say it before an hour of training, not after
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    from s4mc.engine.loop import train
+    from s4mc.toy_pretrain import ensure_pretrained_encoder
+
     out = Path(args.out or tempfile.mkdtemp(prefix="s4mc_variants_"))
-    base = load_config(args.config, [*args.opts, f"seed={args.seed}", f"output_dir={out}"])
-    rows = []
-    semi_iters = None
-    for name in args.variants:
-        opts = [*args.opts, f"seed={args.seed}", f"output_dir={out}", "trainer.image_every=0", *VARIANTS[name]]
-        if name == "supervised":
-            # Same iteration budget as the semi-supervised rows: epochs over the labeled list only.
-            from s4mc.data import build_train_loaders
+    common = [*args.opts, f"output_dir={out}", "trainer.image_every=0"]
+    base = load_config(args.config, common)
+    ensure_pretrained_encoder(base)  # every row starts from the same file: build it once, up front
+    started = time.perf_counter()
+    runs: dict[str, list[dict]] = {n: [] for n in args.variants}
+    curves: dict[str, list[list[dict]]] = {n: [] for n in args.variants}
+    for seed in args.seeds:
+        for name in args.variants:
+            cfg = load_config(args.config, [*common, f"seed={seed}", *row_overrides(name, base, args.all_labels_list)])
+            summary = train(cfg, name=f"{name}_seed{seed}")
+            runs[name].append(summary)
+            if name not in ("supervised", "supervised_all"):
+                curves[name].append(read_curves(Path(summary["run_dir"])))
+            print(f"[{name} seed {seed}] mIoU {100 * summary['final']['miou']:.2f} "
+                  f"in {summary['seconds']:.0f}s", flush=True)
+    rows = {n: summarise(n, runs[n]) for n in args.variants}
+    elapsed = time.perf_counter() - started
 
-            semi = build_train_loaders(base, seed=args.seed)
-            per_epoch_sup = len(build_train_loaders(base, seed=args.seed, labeled_only=True).labeled)
-            semi_iters = base["trainer"]["epochs"] * len(semi.unlabeled)
-            if base["trainer"]["max_iters"]:
-                semi_iters = min(semi_iters, base["trainer"]["max_iters"])
-            epochs = math.ceil(semi_iters / per_epoch_sup)
-            opts += [f"trainer.epochs={epochs}", f"trainer.max_iters={semi_iters}",
-                     f"trainer.eval_every={epochs}"]
-        cfg = load_config(args.config, opts)
-        summary = train(cfg, name=name)
-        diag = summary.get("diagnostics", {})
-        rows.append({"variant": name, "iterations": summary["iterations"], "miou": summary["final"]["miou"],
-                     "best_miou": summary["best_miou"], "seconds": round(summary["seconds"], 1), **diag})
-
-    def pct(row, key):
-        return f"{100 * row[key]:6.1f}" if key in row else "     -"
-
-    print("\nvariant        iters  mIoU   best   kept  kept(unref)  acc   acc(unref)  time")
-    for row in rows:
-        print(f"{row['variant']:<13} {row['iterations']:5d} {100 * row['miou']:6.2f} {100 * row['best_miou']:6.2f}"
-              f" {pct(row, 'kept_fraction')} {pct(row, 'kept_fraction_unrefined')}     "
-              f"{pct(row, 'kept_accuracy')} {pct(row, 'kept_accuracy_unrefined')}    {row['seconds']:5.0f}s")
-    print(json.dumps(rows))
+    print(f"\n{len(args.seeds)} seed(s) x {len(rows)} rows, {elapsed / 60:.1f} min; runs in {out}")
+    print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)")
+    for n, r in rows.items():
+        per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])
+        kept = f"{r['kept']:5.1f} ({r['kept_unrefined']:5.1f})" if "kept" in r else "      -      "
+        acc = f"{r['kept_accuracy']:5.1f} ({r['kept_accuracy_unrefined']:5.1f})" if "kept" in r else "      -"
+        print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}")
+    checks = check_ordering(rows)
+    if checks:
+        print("\nchecks (issue 15):")
+        for text, ok in checks:
+            print(f"  [{'ok' if ok else 'NO'}] {text}")
+    if args.json:
+        result = {"variants": rows, "seeds": args.seeds, "config": str(Path(args.config).resolve().relative_to(REPO))
+                  if Path(args.config).resolve().is_relative_to(REPO) else args.config,
+                  "opts": args.opts, "minutes": round(elapsed / 60, 1),
+                  "checks": [{"check": t, "holds": ok} for t, ok in checks]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(Path(args.plot), rows, curves, args.seeds)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -109,6 +109,10 @@ SCHEMA: dict = {
         "image_every": _k(500, int),
         "max_iters": _k(None, int, NONE),
         "mode": _k("semi", str, choices=("semi", "sup")),
+        # With mode: sup, an epoch is one pass over the labeled list (U2PL's train_sup), or as many
+        # iterations as a semi-supervised epoch (the labeled list repeated to the unlabeled list's
+        # length, as the semi loop does): the same budget and schedule, for a fair comparison.
+        "sup_epoch_length": _k("labeled", str, choices=("labeled", "unlabeled")),
         "amp": _k("auto", str, choices=("auto", "bf16", "fp16", "off")),
         "channels_last": _k("auto", str, bool, choices=("auto", True, False)),
         "compile": _k(False, bool),
@@ -211,6 +215,9 @@ SCHEMA: dict = {
         "crop_size": _k(None, list, int, NONE),
         "refine": _k(False, bool),
         "batch_size": _k(1, int),
+        # A study JSON written by benchmarks/variants.py: the run ends with one line comparing its
+        # mIoU with the study's rows at the same budget (the toy config ships one).
+        "compare_with": _k(None, str, NONE, path=True),
     },
 }
 
@@ -472,7 +479,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if os.path.basename(labeled) == "labeled.txt":
             cfg["dataset"]["train"]["unlabeled_list"] = os.path.join(os.path.dirname(labeled), "unlabeled.txt")
     pretrained = cfg["net"]["encoder"]["pretrained"]
-    if pretrained and pretrained != "torchvision":
+    if pretrained and pretrained not in ("torchvision", "toy"):  # named starting points, not paths
         cfg["net"]["encoder"]["pretrained"] = resolve_path(pretrained, base)
     prior = cfg["trainer"]["unsupervised"]["neighbor_prior"]
     if isinstance(prior, str) and prior.lower().endswith(".json"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -60,8 +61,9 @@ class Progress:
     `every` steps, which is also when a non-finite loss is detected.
     """
 
-    def __init__(self, total_iters: int, images_per_iter: int, every: int, writer=None):
+    def __init__(self, total_iters: int, images_per_iter: int, every: int, writer=None, metrics_log=None):
         self.total_iters = total_iters
+        self.metrics_log = metrics_log
         self.images_per_iter = images_per_iter
         self.every = max(1, every)
         self.writer = writer
@@ -118,8 +120,34 @@ class Progress:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"train/{key}", value, iteration)
+        if self.metrics_log is not None:
+            self.metrics_log.write("train", iteration, epoch, values)
         self.sums, self.count, self.window_start = {}, 0, now
         return values
+
+
+class MetricsLog:
+    """The run's logged numbers as JSON lines (`metrics.jsonl` in the run directory), so a run
+    can be plotted or compared without TensorBoard (`python -m s4mc.plots`).
+
+    Each line is {"kind": "train" | "val", "iteration", "epoch", ...values}. On resume the lines
+    past the resumed iteration are dropped, so the file never repeats iterations.
+    """
+
+    def __init__(self, path: Path, resume_iteration: int | None = None):
+        self.path = Path(path)
+        if resume_iteration is None:
+            self.path.write_text("")
+        elif self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= resume_iteration]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, kind: str, iteration: int, epoch: int, values: dict) -> None:
+        record = {"kind": kind, "iteration": int(iteration), "epoch": int(epoch) + 1,
+                  **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def open_writer(run_dir: Path):
@@ -152,3 +180,44 @@ def log_visuals(writer, visuals: dict, palette, mean, std, ignore_index: int, st
     rows += [colour(visuals[key]) for key in ("prediction", "pseudo_label", "ground_truth")]
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # samples across, kinds down
     writer.add_image("unlabeled/image|teacher|pseudo-label|ground-truth", grid, step)
+
+
+ROW_NAMES = {"supervised": "supervised only", "supervised_all": "all labels", "cutmix_seg": "CutMix-Seg",
+             "s4mc": "S4MC", "s4mc_psi": "S4MC ψ"}
+
+
+def study_row(cfg: dict) -> str:
+    """Which row of benchmarks/variants.py a config is (its name in a study JSON)."""
+    unsup = cfg["trainer"]["unsupervised"]
+    if cfg["trainer"]["mode"] == "sup":
+        return "supervised"
+    if not unsup["refine"]:
+        return "cutmix_seg"
+    return "s4mc_psi" if unsup["strong_aug"] else "s4mc"
+
+
+def comparison_line(study_path: str | Path, miou: float, row: str) -> str:
+    """One line setting this run's mIoU beside a study's rows at the same budget and start.
+
+    The study JSON is what `benchmarks/variants.py --json` writes; a missing or unreadable file
+    gives a line that says so instead of failing a finished run.
+    """
+    path = Path(study_path)
+    try:
+        study = json.loads(path.read_text(encoding="utf-8"))
+        rows = study["variants"]
+        seeds = " ".join(map(str, study["seeds"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no comparison: cannot read the study {path} ({type(e).__name__}: {e})"
+
+    def cell(name):
+        r = rows[name]
+        return f"{ROW_NAMES.get(name, name)} {r['mean']:.2f} ± {r['std']:.2f}"
+
+    shown = [n for n in ("supervised", row) if n in rows]
+    parts = [f"this run ({ROW_NAMES.get(row, row)}) {100 * miou:.2f} mIoU"]
+    parts += [cell(n) for n in dict.fromkeys(shown)]
+    if row != "supervised" and "supervised" in rows:
+        parts.append(f"{100 * miou - rows['supervised']['mean']:+.2f} over supervised only")
+    return (f"same budget and starting point, {path.name} (benchmarks/variants.py, mean ± std over seeds "
+            f"{seeds}): " + " | ".join(parts))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from s4mc.errors import ConfigError, DataError
 
 from .classes import BUILTIN, voc_palette
-from .datasets import (DATASET_TYPES, RepeatDataset, SegmentationDataset, build_samples,
+from .datasets import (DATASET_TYPES, RepeatDataset, SegmentationDataset, build_samples, read_split,
                        default_unlabeled_list)
 from .toy import ensure_toy
 from .transforms import EvalTransform, StrongPhotometric, TrainTransform
@@ -233,7 +233,12 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
     labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only)
     bs = int(_get(cfg, "dataset.batch_size", 4))
     workers = int(_get(cfg, "dataset.workers", 2))
-    if unlabeled is not None:
+    if unlabeled is None and _get(cfg, "trainer.sup_epoch_length", "labeled") == "unlabeled":
+        # Supervised-only at the semi-supervised budget: the labeled stream a semi run would see.
+        labeled_list = str(_require(cfg, "dataset.train.data_list"))
+        unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
+        labeled = RepeatDataset(labeled, max(len(read_split(unl_list)), len(labeled)))
+    elif unlabeled is not None:
         # repeat to the unlabeled length (never shorten: a labeled list longer than
         # the unlabeled one, e.g. Cityscapes 1488/1487, keeps every labeled image)
         labeled = RepeatDataset(labeled, max(len(unlabeled), len(labeled)))

@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -44,6 +45,24 @@ NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
 _N_POOLS = 6                   # colour pools shared by all classes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
 _CLASS_PREF = 0.75             # probability a class uses "its" colour pool / texture
+
+
+@dataclass(frozen=True)
+class ToyStyle:
+    """What a generated scene looks like: which shapes are the classes, how strongly colour and
+    texture hint at the class, and the shapes' size range (fraction of the image side)."""
+
+    shapes: tuple = ("circle", "rectangle", "triangle", "blob", "ring")
+    class_pref: float = _CLASS_PREF
+    scale: tuple = (0.10, 0.24)
+    objects: tuple = (2, 7)  # [low, high) objects per scene
+    palette_shift: int = 0   # class c prefers colour pool / texture c + shift
+
+
+TARGET = ToyStyle()
+# The pretraining pool: other shapes, colour and texture unrelated to the class, so the encoder
+# learns generic edge/shape features and nothing about the target classes (the toy's ImageNet).
+PRETRAIN = ToyStyle(shapes=("star", "cross", "ellipse", "hexagon", "crescent"), class_pref=0.0)
 
 
 def _grid(size: int):
@@ -80,10 +99,10 @@ def _colour(rng: np.random.Generator, pool: int) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
 
 
-def _paint(rng: np.random.Generator, cls: int, yy, xx) -> np.ndarray:
-    """HxWx3 float image of a textured fill whose colour/texture mildly prefer `cls`."""
-    pool = cls % _N_POOLS if rng.random() < _CLASS_PREF else int(rng.integers(_N_POOLS))
-    tex = cls % _N_TEXTURES if rng.random() < _CLASS_PREF else int(rng.integers(_N_TEXTURES))
+def _paint(rng: np.random.Generator, cls: int, yy, xx, class_pref: float = _CLASS_PREF, shift: int = 0) -> np.ndarray:
+    """HxWx3 float image of a textured fill whose colour/texture prefer `cls` with probability `class_pref`."""
+    pool = (cls + shift) % _N_POOLS if rng.random() < class_pref else int(rng.integers(_N_POOLS))
+    tex = (cls + shift) % _N_TEXTURES if rng.random() < class_pref else int(rng.integers(_N_TEXTURES))
     c1 = _colour(rng, pool)
     # second colour: same hue family, shifted brightness, so texture reads as texture
     c2 = np.clip(c1 * rng.uniform(0.4, 0.8) + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
@@ -91,19 +110,28 @@ def _paint(rng: np.random.Generator, cls: int, yy, xx) -> np.ndarray:
     return c1 * (1 - t) + c2 * t
 
 
-def _shape_mask(rng: np.random.Generator, cls: int, yy, xx, size: int) -> np.ndarray:
+def _polygon(dy, dx, r, sides, angle):
+    """Regular polygon of circumradius r: inside every edge's half-plane."""
+    inside = np.ones_like(dy, dtype=bool)
+    apothem = r * np.cos(np.pi / sides)
+    for k in range(sides):
+        phi = angle + 2 * np.pi * k / sides
+        inside &= dx * np.cos(phi) + dy * np.sin(phi) <= apothem
+    return inside
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, yy, xx, size: int, scale=(0.10, 0.24)) -> np.ndarray:
     cy, cx = rng.uniform(0.1, 0.9, 2) * size
-    r = rng.uniform(0.10, 0.24) * size
+    r = rng.uniform(*scale) * size
     dy, dx = yy - cy, xx - cx
-    if cls == 1:    # circle
+    a = rng.uniform(0, np.pi)
+    u = dx * np.cos(a) + dy * np.sin(a)
+    v = -dx * np.sin(a) + dy * np.cos(a)
+    if shape == "circle":
         return dy * dy + dx * dx <= r * r
-    if cls == 2:    # rotated rectangle with random aspect
-        a = rng.uniform(0, np.pi)
-        u = dx * np.cos(a) + dy * np.sin(a)
-        v = -dx * np.sin(a) + dy * np.cos(a)
-        ar = rng.uniform(0.45, 1.0)
-        return (np.abs(u) <= r) & (np.abs(v) <= r * ar)
-    if cls == 3:    # triangle: three vertices around the centre, half-plane tests
+    if shape == "rectangle":    # rotated, random aspect
+        return (np.abs(u) <= r) & (np.abs(v) <= r * rng.uniform(0.45, 1.0))
+    if shape == "triangle":     # three jittered vertices around the centre, half-plane tests
         ang = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) + rng.normal(0, 0.25, 3)
         rad = r * rng.uniform(1.0, 1.4, 3)
         py, px = cy + rad * np.sin(ang), cx + rad * np.cos(ang)
@@ -117,30 +145,44 @@ def _shape_mask(rng: np.random.Generator, cls: int, yy, xx, size: int) -> np.nda
         return inside
     theta = np.arctan2(dy, dx)
     dist = np.sqrt(dy * dy + dx * dx)
-    if cls == 4:    # blob: radius modulated by a few low harmonics
+    if shape == "blob":         # radius modulated by a few low harmonics
         rr = np.full_like(theta, r)
         for k in (2, 3, 4):
             rr += r * rng.uniform(0.08, 0.22) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
         return dist <= rr
-    # ring (annulus)
-    inner = r * rng.uniform(0.45, 0.7)
-    return (dist <= r) & (dist >= inner)
+    if shape == "ring":         # annulus
+        return (dist <= r) & (dist >= r * rng.uniform(0.45, 0.7))
+    # The pretraining pool's shapes (see `PRETRAIN_SHAPES`): none of them is a target class.
+    if shape == "star":
+        return dist <= r * (0.62 + 0.38 * np.cos(5 * theta + rng.uniform(0, 2 * np.pi)))
+    if shape == "cross":
+        w = r * rng.uniform(0.25, 0.4)
+        return ((np.abs(u) <= r) & (np.abs(v) <= w)) | ((np.abs(u) <= w) & (np.abs(v) <= r))
+    if shape == "ellipse":
+        return (u / r) ** 2 + (v / (r * rng.uniform(0.3, 0.55))) ** 2 <= 1
+    if shape == "hexagon":
+        return _polygon(dy, dx, r, 6, a)
+    if shape == "crescent":
+        off = r * rng.uniform(0.35, 0.6)
+        return (dist <= r) & ((u - off) ** 2 + v ** 2 > (0.85 * r) ** 2)
+    raise ValueError(f"unknown toy shape {shape!r}")
 
 
-def render_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """One (RGB uint8 image, uint8 label) pair."""
+def render_scene(rng: np.random.Generator, size: int = 128, style: ToyStyle = TARGET) -> tuple[np.ndarray, np.ndarray]:
+    """One (RGB uint8 image, uint8 label) pair; label i > 0 is `style.shapes[i - 1]`."""
     yy, xx = _grid(size)
-    img = _paint(rng, 0, yy, xx)
+    pref = style.class_pref
+    img = _paint(rng, 0, yy, xx, pref, style.palette_shift)
     # a second background texture in a random half-plane: backgrounds are not uniform
     if rng.random() < 0.5:
         a = rng.uniform(0, 2 * np.pi)
         side = (xx - size / 2) * np.cos(a) + (yy - size / 2) * np.sin(a) > rng.uniform(-0.3, 0.3) * size
-        img = np.where(side[..., None], _paint(rng, 0, yy, xx), img)
+        img = np.where(side[..., None], _paint(rng, 0, yy, xx, pref, style.palette_shift), img)
     label = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 7))):
-        cls = int(rng.integers(1, NUM_CLASSES))
-        m = _shape_mask(rng, cls, yy, xx, size)
-        img = np.where(m[..., None], _paint(rng, cls, yy, xx), img)
+    for _ in range(int(rng.integers(*style.objects))):
+        cls = int(rng.integers(1, len(style.shapes) + 1))
+        m = _shape_mask(rng, style.shapes[cls - 1], yy, xx, size, style.scale)
+        img = np.where(m[..., None], _paint(rng, cls, yy, xx, pref, style.palette_shift), img)
         label[m] = cls
     # illumination gradient, slight blur, sensor noise
     g = 1 + rng.uniform(-0.25, 0.25) * ((xx * np.cos(rng.uniform(0, 6.3)) + yy * np.sin(rng.uniform(0, 6.3))) / size)
@@ -158,7 +200,7 @@ def _write_mask(path: Path, label: np.ndarray) -> None:
 
 
 def generate_toy(root: str | os.PathLike, *, seed: int = 0, num_train: int = 400, num_labeled: int = 20,
-                 num_val: int = 100, size: int = 128, overwrite: bool = False) -> Path:
+                 num_val: int = 100, size: int = 128, overwrite: bool = False, style: ToyStyle = TARGET) -> Path:
     """Write the toy dataset under `root` and return it.
 
     Written into a temporary sibling directory and renamed into place, so concurrent
@@ -182,13 +224,15 @@ def generate_toy(root: str | os.PathLike, *, seed: int = 0, num_train: int = 400
         for split_no, (split, names) in enumerate(ids.items()):
             for i, name in enumerate(names):
                 rng = np.random.default_rng([seed, split_no, i])
-                img, lab = render_scene(rng, size)
+                img, lab = render_scene(rng, size, style)
                 cv2.imwrite(str(tmp / "JPEGImages" / f"{name}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
                 _write_mask(tmp / "SegmentationClass" / f"{name}.png", lab)
         order = np.random.default_rng([seed, 99]).permutation(num_train)
         labeled = [ids["train"][i] for i in sorted(order[:num_labeled])]
         unlabeled = [ids["train"][i] for i in sorted(order[num_labeled:])]
-        for fname, names in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled), ("val.txt", ids["val"])):
+        # train_all.txt: every training image with its label, for the all-labels reference row.
+        for fname, names in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled), ("val.txt", ids["val"]),
+                             ("train_all.txt", ids["train"])):
             (tmp / "splits" / fname).write_text("".join(n + "\n" for n in names))
         try:
             os.rename(tmp, root)

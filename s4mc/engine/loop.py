@@ -24,7 +24,9 @@ from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError
-from s4mc.logs import Progress, format_duration, log, log_visuals, open_writer, setup_logging
+from s4mc.logs import (MetricsLog, Progress, comparison_line, format_duration, log, log_visuals, open_writer,
+                       setup_logging, study_row)
+from s4mc.toy_pretrain import ensure_pretrained_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,6 +256,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         val_loader = build_val_loader(build_val_dataset(cfg), rank=dist.rank, world_size=dist.world_size,
                                       workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
 
+    if dist.is_main:
+        ensure_pretrained_encoder(cfg)  # net.encoder.pretrained: toy builds its file on first use
+    barrier()
     state = build_state(cfg, dist, iters_per_epoch)
     writer = open_writer(run_dir) if dist.is_main else None
     resume_path = find_resume(resume, run_dir, cfg)
@@ -267,7 +272,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     total_iters = tr["epochs"] * iters_per_epoch
     stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
     images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * (1 if sup_only else 2)
-    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.iteration if resume_path is not None else None) \
+        if dist.is_main else None
+    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log)
     log.info("%d epochs × %d iterations, batch %d labeled + %d unlabeled per process, amp %s, channels_last %s",
              tr["epochs"], iters_per_epoch, cfg["dataset"]["batch_size"],
              0 if sup_only else cfg["dataset"]["batch_size"], state.amp_dtype or "off", state.channels_last)
@@ -333,6 +340,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 state.best_miou = max(state.best_miou, last_result.miou)
                 log.info("epoch %d: mIoU %.2f (best %.2f) in %.1fs", epoch + 1, 100 * last_result.miou,
                          100 * state.best_miou, last_result.seconds)
+                if metrics_log is not None:
+                    metrics_log.write("val", state.iteration, epoch, {"miou": last_result.miou,
+                                                                      "pixel_acc": last_result.pixel_acc})
                 if writer is not None:
                     writer.add_scalar("val/mIoU", 100 * last_result.miou, state.iteration)
                     for cls, iou in zip(info.class_names, last_result.iou):
@@ -362,6 +372,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                  "teacher" if state.semi_start is not None else "student",
                  format_table(last_result, info.class_names))
         summary["final"] = last_result.to_json()
+        if cfg["evaluation"]["compare_with"]:
+            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg)))
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))

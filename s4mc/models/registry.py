@@ -122,5 +122,9 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     if pretrained:
         from .weights import load_backbone
 
+        if pretrained == "toy":  # the toy's pretrained encoder (s4mc/toy_pretrain.py)
+            from s4mc.toy_pretrain import resolve as toy_encoder
+
+            pretrained = toy_encoder(pretrained)
         load_backbone(model, pretrained)
     return model

@@ -1,0 +1,166 @@
+"""The toy study's pieces: the pretraining pool and encoder, the supervised row's budget, the
+metrics log every run writes, `python -m s4mc.plots`, and benchmarks/variants.py end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from s4mc.data import build_train_loaders
+from s4mc.data.toy import PRETRAIN, TARGET, generate_toy, render_scene
+from s4mc.engine import loop
+from s4mc.errors import S4MCError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _variants_module():
+    spec = importlib.util.spec_from_file_location("variants", REPO / "benchmarks" / "variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretraining_pool_has_other_shapes_and_no_class_colour():
+    assert not set(PRETRAIN.shapes) & set(TARGET.shapes)
+    assert PRETRAIN.class_pref == 0.0 and TARGET.class_pref > 0.5
+    for style in (TARGET, PRETRAIN):
+        labels = np.concatenate([render_scene(np.random.default_rng([7, i]), 64, style)[1].ravel()
+                                 for i in range(12)])
+        assert labels.max() <= len(style.shapes) and set(np.unique(labels)) >= {0, 1, 2, 3, 4, 5}
+    # same seed, other style: other scenes
+    a = render_scene(np.random.default_rng(3), 64, TARGET)[1]
+    b = render_scene(np.random.default_rng(3), 64, PRETRAIN)[1]
+    assert not np.array_equal(a, b)
+
+
+def test_generator_writes_all_labels_list(tmp_path):
+    root = generate_toy(tmp_path / "t", seed=1, num_train=6, num_labeled=2, num_val=1, size=32)
+    lines = (root / "splits" / "train_all.txt").read_text().split()
+    assert len(lines) == 6
+    assert set(lines) == set((root / "splits" / "labeled.txt").read_text().split()) | set(
+        (root / "splits" / "unlabeled.txt").read_text().split())
+
+
+def test_supervised_row_gets_the_semi_budget(toy_root, toy_cfg, tmp_path):
+    semi = build_train_loaders(toy_cfg(toy_root, tmp_path), seed=0)
+    plain = build_train_loaders(toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup"}), seed=0, labeled_only=True)
+    fair = build_train_loaders(toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup",
+                                                               "trainer.sup_epoch_length": "unlabeled"}),
+                               seed=0, labeled_only=True)
+    assert len(plain.labeled) < len(semi.unlabeled)
+    assert len(fair.labeled) == len(semi.labeled) == len(semi.unlabeled)
+    # the very batches the semi run's labeled stream draws
+    assert torch.equal(next(iter(fair.labeled))["image"], next(iter(semi.labeled))["image"])
+
+
+def test_run_writes_metrics_log_and_plots(toy_root, toy_cfg, tmp_path):
+    from s4mc import plots
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.epochs": 2, "trainer.log_every": 2})
+    loop.train(cfg, name="a")
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    assert train and val and all("kept_fraction" in r and "kept_accuracy_unrefined" in r for r in train)
+    assert [r["iteration"] for r in train] == sorted(r["iteration"] for r in train)
+    assert val[-1]["miou"] == pytest.approx(json.loads((tmp_path / "a" / "results.json").read_text())["final"]["miou"])
+    sup = toy_cfg(toy_root, tmp_path, **{"trainer.epochs": 2, "trainer.mode": "sup"})
+    loop.train(sup, name="b")
+    out = tmp_path / "cmp.png"
+    assert plots.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    from PIL import Image
+
+    width, height = Image.open(out).size
+    assert width > 2 * height > 0  # three panels side by side
+    with pytest.raises(S4MCError, match="no metrics log"):
+        plots.load_run(tmp_path / "missing")
+
+
+def test_metrics_log_drops_lines_past_a_resume(tmp_path):
+    from s4mc.logs import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for it in (10, 20, 30):
+        log.write("train", it, 0, {"loss": 1.0})
+    MetricsLog(tmp_path / "m.jsonl", resume_iteration=20).write("train", 30, 0, {"loss": 2.0})
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["loss"]) for r in lines] == [(10, 1.0), (20, 1.0), (30, 2.0)]
+
+
+def test_plots_without_matplotlib_says_so(monkeypatch):
+    import builtins
+
+    from s4mc import plots
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(S4MCError, match="pip install matplotlib"):
+        plots.pyplot()
+
+
+def test_pretrained_encoder_loads_strictly_into_the_toy_model(tmp_path, toy_cfg, toy_root, monkeypatch):
+    from s4mc import toy_pretrain
+    from s4mc.models import build_model
+
+    tiny = ["dataset.train.crop.size=[40,40]", "dataset.workers=0", "net.encoder.kwargs.width=8",
+            "net.decoder.kwargs.inner_planes=16", "net.decoder.kwargs.low_conv_planes=16", "trainer.eval_on=false"]
+    path = toy_pretrain.pretrain_encoder(tmp_path / "pre", pool_images=16, epochs=1, size=48, extra=tiny)
+    assert path.is_file() and json.loads((tmp_path / "pre" / "encoder.json").read_text())["iterations"] == 2
+    monkeypatch.setattr(toy_pretrain, "DEFAULT_DIR", tmp_path / "pre")
+    cfg = toy_cfg(toy_root, tmp_path, **{"net.encoder.pretrained": "toy"})
+    model = build_model(cfg["net"])
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())
+    monkeypatch.setattr(toy_pretrain, "DEFAULT_DIR", tmp_path / "nowhere")
+    with pytest.raises(S4MCError, match="python -m s4mc.toy_pretrain"):
+        build_model(cfg["net"])
+
+
+def test_study_checks_follow_the_issue():
+    variants = _variants_module()
+    rows = {"supervised": {"mean": 55.0, "std": 0.5}, "supervised_all": {"mean": 78.0, "std": 0.4},
+            "cutmix_seg": {"mean": 60.0, "std": 0.6, "kept": 80.0, "kept_accuracy": 90.0},
+            "s4mc": {"mean": 63.0, "std": 0.7, "kept": 84.0, "kept_accuracy": 90.5}}
+    assert all(ok for _, ok in variants.check_ordering(rows))
+    rows["s4mc"]["mean"] = 60.5  # ahead of cutmix_seg by less than the seed noise, and < 1/3 of the gap
+    failed = [text for text, ok in variants.check_ordering(rows) if not ok]
+    assert len(failed) == 2 and any("s4mc > cutmix_seg" in t for t in failed)
+    assert variants.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert variants.mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_variants_script_end_to_end(toy_root, tmp_path):
+    variants = _variants_module()
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({
+        "dataset": {"type": "toy", "batch_size": 2, "workers": 0,
+                    "train": {"data_root": str(toy_root), "data_list": str(toy_root / "splits/labeled.txt"),
+                              "rand_resize": [0.75, 1.25], "crop": {"type": "rand", "size": [40, 40]}},
+                    "val": {"data_root": str(toy_root), "data_list": str(toy_root / "splits/val.txt")}},
+        "trainer": {"epochs": 1, "sup_only_epoch": 0, "log_every": 2, "max_iters": 4,
+                    "unsupervised": {"neighborhood_size": 8, "neighbor_prior": "none"}},
+        "net": {"num_classes": 6, "sync_bn": False, "encoder": {"type": "resnet_tiny", "kwargs": {"width": 8}},
+                "decoder": {"kwargs": {"inner_planes": 16, "low_conv_planes": 16, "dilations": [2, 4, 6]}}}}))
+    out = tmp_path / "study.json"
+    rc = variants.main(["--config", str(cfg), "--seeds", "0", "1", "--variants", "supervised", "supervised_all",
+                        "s4mc", "--out", str(tmp_path / "runs"), "--json", str(out), "--plot", str(tmp_path / "s.png")])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1] and set(result["variants"]) == {"supervised", "supervised_all", "s4mc"}
+    s4mc = result["variants"]["s4mc"]
+    assert len(s4mc["miou"]) == 2 and s4mc["mean"] == pytest.approx(sum(s4mc["miou"]) / 2, abs=0.01)
+    assert 0 < s4mc["kept"] <= 100 and "kept_accuracy" in s4mc and "kept_unrefined" in s4mc
+    assert result["variants"]["supervised"]["iterations"] == s4mc["iterations"] == [4, 4]
+    assert (tmp_path / "s.png").stat().st_size > 10_000
