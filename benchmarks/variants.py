@@ -177,6 +177,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="write the figure here (PNG; needs matplotlib)")
+    parser.add_argument("--from-runs", default=None, metavar="DIR",
+                        help="train nothing: summarise the runs already in DIR (<row>_seed<k>/results.json), "
+                             "e.g. after running one seed per process with the same --out")
     args = parser.parse_args(argv)
 
     if args.plot:
@@ -190,26 +193,37 @@ def main(argv=None) -> int:
     from s4mc.engine.loop import train
     from s4mc.toy_pretrain import ensure_pretrained_encoder
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="s4mc_variants_"))
+    out = Path(args.from_runs or args.out or tempfile.mkdtemp(prefix="s4mc_variants_"))
     common = [*args.opts, f"output_dir={out}", "trainer.image_every=0"]
     base = load_config(args.config, common)
-    ensure_pretrained_encoder(base)  # every row starts from the same file: build it once, up front
+    if not args.from_runs:
+        ensure_pretrained_encoder(base)  # every row starts from the same file: build it once, up front
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {n: [] for n in args.variants}
     curves: dict[str, list[list[dict]]] = {n: [] for n in args.variants}
     for seed in args.seeds:
         for name in args.variants:
-            cfg = load_config(args.config, [*common, f"seed={seed}", *row_overrides(name, base, args.all_labels_list)])
-            summary = train(cfg, name=f"{name}_seed{seed}")
+            run_dir = out / f"{name}_seed{seed}"
+            if args.from_runs:
+                if not (run_dir / "results.json").is_file():
+                    print(f"error: {run_dir / 'results.json'} not found (--from-runs {out})", file=sys.stderr)
+                    return 2
+                summary = json.loads((run_dir / "results.json").read_text())
+            else:
+                cfg = load_config(args.config, [*common, f"seed={seed}",
+                                                *row_overrides(name, base, args.all_labels_list)])
+                summary = train(cfg, name=run_dir.name)
             runs[name].append(summary)
             if name not in ("supervised", "supervised_all"):
-                curves[name].append(read_curves(Path(summary["run_dir"])))
+                curves[name].append(read_curves(run_dir))
             print(f"[{name} seed {seed}] mIoU {100 * summary['final']['miou']:.2f} "
                   f"in {summary['seconds']:.0f}s", flush=True)
     rows = {n: summarise(n, runs[n]) for n in args.variants}
     elapsed = time.perf_counter() - started
 
-    print(f"\n{len(args.seeds)} seed(s) x {len(rows)} rows, {elapsed / 60:.1f} min; runs in {out}")
+    if args.from_runs:  # the training time is the runs' own
+        elapsed = sum(sum(r["seconds"] for r in rs) for rs in runs.values())
+    print(f"\n{len(args.seeds)} seed(s) x {len(rows)} rows, {elapsed / 60:.1f} min of training; runs in {out}")
     print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)")
     for n, r in rows.items():
         per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])

@@ -38,10 +38,10 @@ DEFAULT_DIR = REPO_ROOT / "data" / "toy_pretrain"
 POOL_SEED = 1000  # generator seed of the pool: no image is shared with the toy dataset (seed 0)
 RECIPE = {
     "pool_images": 800,
-    "epochs": 12,  # 100 iterations each at batch 8
+    "epochs": 10,  # 100 iterations each at batch 8
     "overrides": [
-        "trainer.mode=sup", "trainer.eval_every=12", "trainer.image_every=0", "net.encoder.pretrained=null",
-        "trainer.unsupervised.neighbor_prior=none",
+        "trainer.mode=sup", "trainer.sup_epoch_length=labeled", "trainer.eval_every=10", "trainer.image_every=0",
+        "net.encoder.pretrained=null", "evaluation.compare_with=null",
     ],
 }
 
@@ -102,12 +102,7 @@ def ensure_pretrained_encoder(cfg: dict) -> Path | None:
         started = time.perf_counter()
         log.warning("net.encoder.pretrained: toy — %s is missing; pretraining it once on a separate generated "
                     "pool of other shapes (python -m s4mc.toy_pretrain)", path)
-        level = log.level
-        log.setLevel(logging.WARNING)  # the pretraining run's own progress lines would read as this run's
-        try:
-            pretrain_encoder()
-        finally:
-            log.setLevel(level)
+        pretrain_encoder()
         log.warning("pretrained encoder written to %s in %.0f s", path, time.perf_counter() - started)
     return path
 

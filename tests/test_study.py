@@ -164,3 +164,8 @@ def test_variants_script_end_to_end(toy_root, tmp_path):
     assert 0 < s4mc["kept"] <= 100 and "kept_accuracy" in s4mc and "kept_unrefined" in s4mc
     assert result["variants"]["supervised"]["iterations"] == s4mc["iterations"] == [4, 4]
     assert (tmp_path / "s.png").stat().st_size > 10_000
+    # one seed per process, then a summary of the same runs: the same rows
+    again = tmp_path / "again.json"
+    assert variants.main(["--config", str(cfg), "--seeds", "0", "1", "--variants", "supervised", "supervised_all",
+                          "s4mc", "--from-runs", str(tmp_path / "runs"), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["variants"] == result["variants"]

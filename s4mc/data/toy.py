@@ -5,16 +5,18 @@
 Scenes are a textured background with 2-6 overlapping shapes (circle, rectangle,
 triangle, blob, ring), drawn back to front so later shapes occlude earlier ones;
 the label is the class of the front-most shape at each pixel, so it is spatially
-coherent. Colour and texture are only weak cues: every class draws them from the
-same pools, with a mild class preference, and the background uses the same pools,
-so a model has to learn shape (circle vs blob vs ring) and context, which takes more
-than a handful of labeled images. Pixel noise, an illumination gradient and a slight
-blur keep the edges from being trivial.
+coherent. Colour and texture are strong but imperfect cues: each class uses "its"
+colour pool and texture with probability 0.9 (`ToyStyle.class_pref`) and a random one
+otherwise, and the background draws from the same pools, so the off-colour objects
+need shape (circle vs blob vs ring) and context, which takes more than a handful of
+labeled images. Pixel noise, an illumination gradient and a slight blur keep the edges
+from being trivial. `PRETRAIN` is the style of the separate pretraining pool.
 
 Layout (VOC-like, read by dataset.type "toy"):
     JPEGImages/<id>.png          RGB (PNG so the bytes are identical across libjpeg builds)
     SegmentationClass/<id>.png   palette PNG, index = class
-    splits/labeled.txt, splits/unlabeled.txt, splits/val.txt
+    splits/labeled.txt, splits/unlabeled.txt, splits/val.txt,
+    splits/train_all.txt (labeled + unlabeled: the all-labels row, and the toy's unlabeled pool)
 
 Each image comes from its own generator seeded by (seed, split, index), so the
 output is deterministic and independent of generation order.
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
 _N_POOLS = 6                   # colour pools shared by all classes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
-_CLASS_PREF = 0.75             # probability a class uses "its" colour pool / texture
+_CLASS_PREF = 0.9              # probability a class uses "its" colour pool / texture
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,10 @@ class ToyStyle:
 
 
 TARGET = ToyStyle()
-# The pretraining pool: other shapes, colour and texture unrelated to the class, so the encoder
-# learns generic edge/shape features and nothing about the target classes (the toy's ImageNet).
-PRETRAIN = ToyStyle(shapes=("star", "cross", "ellipse", "hexagon", "crescent"), class_pref=0.0)
+# The pretraining pool (the toy's ImageNet, see s4mc/toy_pretrain.py): other shapes, and colour
+# and texture only half as telling and mapped to classes differently (shifted by 3), so the encoder
+# learns generic colour, texture and edge features but not which of them means which target class.
+PRETRAIN = ToyStyle(shapes=("star", "cross", "ellipse", "hexagon", "crescent"), class_pref=0.5, palette_shift=3)
 
 
 def _grid(size: int):

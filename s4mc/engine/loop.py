@@ -227,6 +227,10 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     tr = cfg["trainer"]
     run_dir = Path(cfg["output_dir"]) / name
     if dist.is_main:
+        # net.encoder.pretrained: toy builds its file on first use: a run of its own, so before
+        # this run sets up its logging
+        ensure_pretrained_encoder(cfg)
+    if dist.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     barrier()
     setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
@@ -256,9 +260,6 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         val_loader = build_val_loader(build_val_dataset(cfg), rank=dist.rank, world_size=dist.world_size,
                                       workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
 
-    if dist.is_main:
-        ensure_pretrained_encoder(cfg)  # net.encoder.pretrained: toy builds its file on first use
-    barrier()
     state = build_state(cfg, dist, iters_per_epoch)
     writer = open_writer(run_dir) if dist.is_main else None
     resume_path = find_resume(resume, run_dir, cfg)
