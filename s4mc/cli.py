@@ -24,6 +24,7 @@ examples:
   python eval.py --config experiments/pascal/366/config.yaml --checkpoint runs/run1/checkpoints/best.pth
   python eval.py --config C --checkpoint u2pl_ckpt.pth --weights teacher --mode center_crop
   torchrun --nproc_per_node=4 eval.py --config C --checkpoint P --mode sliding --save-dir preds --overlay
+  python eval.py --config C --checkpoint P --images my_photos/ --save-dir preds --overlay
 """
 
 
@@ -113,7 +114,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay", action="store_true", help="with --save-dir, also write overlays on the image")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: dataset.workers)")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="predict every image under DIR (nested folders; png/jpg/bmp/tif/webp) into --save-dir "
+                        "instead of evaluating: one palette PNG per image at its size, and legend.png; no labels "
+                        "needed. With --refine the refined prediction is written")
     args = parser.parse_args(argv)
+    if args.images is not None and not args.save_dir:
+        parser.error("--images needs --save-dir (where the predictions go)")
 
     overrides = list(args.opts)
     for key, value in (("evaluation.mode", args.mode), ("evaluation.flip", args.flip),
@@ -125,7 +132,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from s4mc.distributed import cleanup
 
     try:
-        result = run_eval(args, overrides)
+        result = run_predict(args, overrides) if args.images is not None else run_eval(args, overrides)
     except S4MCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -190,3 +197,44 @@ def run_eval(args, overrides: list[str]):
         if args.json:
             Path(args.json).write_text(json.dumps(payload, indent=2))
     return result
+
+
+def run_predict(args, overrides: list[str]):
+    """eval.py --images: predictions for a folder of unlabeled images (s4mc.predict)."""
+    from s4mc.config import load_config
+    from s4mc.data import dataset_info
+    from s4mc.distributed import init_distributed
+    from s4mc.engine.loop import resolve_amp
+    from s4mc.evaluation import configured_inference
+    from s4mc.logs import setup_logging
+    from s4mc.models import build_model, load_checkpoint
+    from s4mc.predict import predict_folder
+    from s4mc.priors_table import resolve_prior
+
+    cfg = load_config(args.config, overrides)
+    dist = init_distributed(args.local_rank, args.device)
+    log = setup_logging(dist.rank)
+    info = dataset_info(cfg)
+    model = build_model(cfg["net"])
+    load_checkpoint(model, args.checkpoint, which=args.weights)
+    model.to(dist.device).eval()
+    unsup = cfg["trainer"]["unsupervised"]
+    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    ev = cfg["evaluation"]
+    if ev["mode"] == "center_crop":
+        log.info("evaluation.mode center_crop: predicting whole images (the crop only serves U2PL's scoring)")
+    log.info("predicting %s with %s (%s weights): %s, scales %s%s%s", args.images, args.checkpoint, args.weights,
+             ev["mode"], ev["scales"], ", flip" if ev["flip"] else "", ", refined" if ev["refine"] else "")
+    infer = configured_inference(model, cfg, device=dist.device, prior=prior,
+                                 amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device))
+    summary = predict_folder(infer, args.images, args.save_dir, class_names=info.class_names,
+                             palette=info.palette, mean=cfg["dataset"]["mean"], std=cfg["dataset"]["std"],
+                             overlay=args.overlay, rank=dist.rank, world_size=dist.world_size,
+                             workers=cfg["dataset"]["workers"] if args.workers is None else args.workers)
+    if dist.is_main:
+        print(summary.format(args.save_dir))
+        if args.json:
+            payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
+                       "images": str(args.images), "save_dir": str(args.save_dir), **summary.to_json()}
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+    return summary
