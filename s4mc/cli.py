@@ -141,15 +141,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0 if result is not None else 1
 
 
-def run_eval(args, overrides: list[str]):
-    """Build the model and validation data from the config, load the checkpoint, evaluate."""
-    import torch
-
+def load_for_eval(args, overrides: list[str]):
+    """Config, process group, logger, dataset info, the checkpoint's model (eval mode, on the
+    device) and the neighbour prior: what evaluation and folder prediction both start from."""
     from s4mc.config import load_config
-    from s4mc.data import build_val_dataset, dataset_info
+    from s4mc.data import dataset_info
     from s4mc.distributed import init_distributed
-    from s4mc.engine.loop import resolve_amp
-    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
     from s4mc.logs import setup_logging
     from s4mc.models import build_model, load_checkpoint
     from s4mc.priors_table import resolve_prior
@@ -161,12 +158,24 @@ def run_eval(args, overrides: list[str]):
     model = build_model(cfg["net"])
     load_checkpoint(model, args.checkpoint, which=args.weights)
     model.to(dist.device).eval()
+    unsup = cfg["trainer"]["unsupervised"]
+    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    return cfg, dist, log, info, model, prior
+
+
+def run_eval(args, overrides: list[str]):
+    """Build the model and validation data from the config, load the checkpoint, evaluate."""
+    import torch
+
+    from s4mc.data import build_val_dataset
+    from s4mc.engine.loop import resolve_amp
+    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
+
+    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
     dataset = build_val_dataset(cfg)
     workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
     loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
                               batch_size=cfg["evaluation"]["batch_size"])
-    unsup = cfg["trainer"]["unsupervised"]
-    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
     save_fn = None  # eval.py --save-dir replaces it with a writer of palette PNGs
     if args.save_dir:
         out_dir = Path(args.save_dir)
@@ -201,25 +210,11 @@ def run_eval(args, overrides: list[str]):
 
 def run_predict(args, overrides: list[str]):
     """eval.py --images: predictions for a folder of unlabeled images (s4mc.predict)."""
-    from s4mc.config import load_config
-    from s4mc.data import dataset_info
-    from s4mc.distributed import init_distributed
     from s4mc.engine.loop import resolve_amp
     from s4mc.evaluation import configured_inference
-    from s4mc.logs import setup_logging
-    from s4mc.models import build_model, load_checkpoint
     from s4mc.predict import predict_folder
-    from s4mc.priors_table import resolve_prior
 
-    cfg = load_config(args.config, overrides)
-    dist = init_distributed(args.local_rank, args.device)
-    log = setup_logging(dist.rank)
-    info = dataset_info(cfg)
-    model = build_model(cfg["net"])
-    load_checkpoint(model, args.checkpoint, which=args.weights)
-    model.to(dist.device).eval()
-    unsup = cfg["trainer"]["unsupervised"]
-    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
     ev = cfg["evaluation"]
     if ev["mode"] == "center_crop":
         log.info("evaluation.mode center_crop: predicting whole images (the crop only serves U2PL's scoring)")

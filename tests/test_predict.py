@@ -13,14 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from s4mc.cli import eval_main
 from s4mc.data.datasets import load_image
 from s4mc.evaluation import configured_inference
-from s4mc.models import build_model
 from s4mc.predict import list_images, predict_folder
+from test_eval_cli import setup, u2pl_checkpoint  # noqa: F401 (setup is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
@@ -109,16 +108,11 @@ def test_predict_folder_without_images_is_a_clear_error(tmp_path, toy_root, toy_
 
 
 @pytest.fixture
-def toy_checkpoint(toy_root, toy_cfg, tmp_path):
-    cfg = toy_cfg(toy_root, tmp_path)
-    cfg_path = tmp_path / "config.yaml"
-    slim = {k: cfg[k] for k in ("dataset", "trainer", "net", "evaluation", "output_dir")}
-    slim["trainer"] = {"epochs": 1}
-    cfg_path.write_text(yaml.safe_dump(slim))
-    torch.manual_seed(0)
-    model = build_model(cfg["net"])
+def toy_checkpoint(setup, tmp_path):
+    """eval.py's test config (toy data, tiny net) and a checkpoint of its model."""
+    _, cfg_path, model = setup
     ckpt = tmp_path / "ckpt.pth"
-    torch.save({"model_state": model.state_dict(), "teacher_state": model.state_dict()}, ckpt)
+    u2pl_checkpoint(model, ckpt)
     return cfg_path, ckpt
 
 
