@@ -15,8 +15,9 @@ examples:
   torchrun --nproc_per_node=8 train_semi.py --config experiments/pascal/366/config.yaml --seed 0 --name run1
   python train_semi.py --config C --resume auto --opts trainer.epochs=10 dataset.batch_size=2
 
-A run writes runs/<name>/: config.yaml (resolved), environment.json (git commit, versions),
-train.log, tensorboard/ events, checkpoints/latest.pth and best.pth, results.json.
+A run writes runs/<name>/: config.yaml (resolved), environment.json (git commit, versions, and the
+run protocol that the log's header states), train.log, tensorboard/ events, checkpoints/latest.pth and
+best.pth, results.json.
 """
 
 EVAL_EPILOG = """
