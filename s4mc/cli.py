@@ -15,8 +15,9 @@ examples:
   torchrun --nproc_per_node=8 train_semi.py --config experiments/pascal/366/config.yaml --seed 0 --name run1
   python train_semi.py --config C --resume auto --opts trainer.epochs=10 dataset.batch_size=2
 
-A run writes runs/<name>/: config.yaml (resolved), environment.json (git commit, versions),
-train.log, tensorboard/ events, checkpoints/latest.pth and best.pth, results.json.
+A run writes runs/<name>/: config.yaml (resolved), environment.json (git commit, versions, and the
+run protocol that the log's header states), train.log, tensorboard/ events, checkpoints/latest.pth and
+best.pth, results.json.
 """
 
 EVAL_EPILOG = """
@@ -24,6 +25,7 @@ examples:
   python eval.py --config experiments/pascal/366/config.yaml --checkpoint runs/run1/checkpoints/best.pth
   python eval.py --config C --checkpoint u2pl_ckpt.pth --weights teacher --mode center_crop
   torchrun --nproc_per_node=4 eval.py --config C --checkpoint P --mode sliding --save-dir preds --overlay
+  python eval.py --config C --checkpoint P --images my_photos/ --save-dir preds --overlay
 """
 
 
@@ -113,7 +115,13 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay", action="store_true", help="with --save-dir, also write overlays on the image")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: dataset.workers)")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="predict every image under DIR (nested folders; png/jpg/bmp/tif/webp) into --save-dir "
+                        "instead of evaluating: one palette PNG per image at its size, and legend.png; no labels "
+                        "needed. With --refine the refined prediction is written")
     args = parser.parse_args(argv)
+    if args.images is not None and not args.save_dir:
+        parser.error("--images needs --save-dir (where the predictions go)")
 
     overrides = list(args.opts)
     for key, value in (("evaluation.mode", args.mode), ("evaluation.flip", args.flip),
@@ -125,7 +133,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     from s4mc.distributed import cleanup
 
     try:
-        result = run_eval(args, overrides)
+        result = run_predict(args, overrides) if args.images is not None else run_eval(args, overrides)
     except S4MCError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -134,15 +142,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     return 0 if result is not None else 1
 
 
-def run_eval(args, overrides: list[str]):
-    """Build the model and validation data from the config, load the checkpoint, evaluate."""
-    import torch
-
+def load_for_eval(args, overrides: list[str]):
+    """Config, process group, logger, dataset info, the checkpoint's model (eval mode, on the
+    device) and the neighbour prior: what evaluation and folder prediction both start from."""
     from s4mc.config import load_config
-    from s4mc.data import build_val_dataset, dataset_info
+    from s4mc.data import dataset_info
     from s4mc.distributed import init_distributed
-    from s4mc.engine.loop import resolve_amp
-    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
     from s4mc.logs import setup_logging
     from s4mc.models import build_model, load_checkpoint
     from s4mc.priors_table import resolve_prior
@@ -154,12 +159,24 @@ def run_eval(args, overrides: list[str]):
     model = build_model(cfg["net"])
     load_checkpoint(model, args.checkpoint, which=args.weights)
     model.to(dist.device).eval()
+    unsup = cfg["trainer"]["unsupervised"]
+    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
+    return cfg, dist, log, info, model, prior
+
+
+def run_eval(args, overrides: list[str]):
+    """Build the model and validation data from the config, load the checkpoint, evaluate."""
+    import torch
+
+    from s4mc.data import build_val_dataset
+    from s4mc.engine.loop import resolve_amp
+    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
+
+    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
     dataset = build_val_dataset(cfg)
     workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
     loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
                               batch_size=cfg["evaluation"]["batch_size"])
-    unsup = cfg["trainer"]["unsupervised"]
-    prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
     save_fn = None  # eval.py --save-dir replaces it with a writer of palette PNGs
     if args.save_dir:
         out_dir = Path(args.save_dir)
@@ -190,3 +207,30 @@ def run_eval(args, overrides: list[str]):
         if args.json:
             Path(args.json).write_text(json.dumps(payload, indent=2))
     return result
+
+
+def run_predict(args, overrides: list[str]):
+    """eval.py --images: predictions for a folder of unlabeled images (s4mc.predict)."""
+    from s4mc.engine.loop import resolve_amp
+    from s4mc.evaluation import configured_inference
+    from s4mc.predict import predict_folder
+
+    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
+    ev = cfg["evaluation"]
+    if ev["mode"] == "center_crop":
+        log.info("evaluation.mode center_crop: predicting whole images (the crop only serves U2PL's scoring)")
+    log.info("predicting %s with %s (%s weights): %s, scales %s%s%s", args.images, args.checkpoint, args.weights,
+             ev["mode"], ev["scales"], ", flip" if ev["flip"] else "", ", refined" if ev["refine"] else "")
+    infer = configured_inference(model, cfg, device=dist.device, prior=prior,
+                                 amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device))
+    summary = predict_folder(infer, args.images, args.save_dir, class_names=info.class_names,
+                             palette=info.palette, mean=cfg["dataset"]["mean"], std=cfg["dataset"]["std"],
+                             overlay=args.overlay, rank=dist.rank, world_size=dist.world_size,
+                             workers=cfg["dataset"]["workers"] if args.workers is None else args.workers)
+    if dist.is_main:
+        print(summary.format(args.save_dir))
+        if args.json:
+            payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
+                       "images": str(args.images), "save_dir": str(args.save_dir), **summary.to_json()}
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+    return summary

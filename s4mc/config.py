@@ -219,6 +219,14 @@ SCHEMA: dict = {
         # mIoU with the study's rows at the same budget (the toy config ships one).
         "compare_with": _k(None, str, NONE, path=True),
     },
+    # What the config reproduces: stated in the run header (and environment.json) so a run can be
+    # compared with its target. Facts only; nothing here changes how the run trains.
+    "recipe": {
+        "dataset": _k(None, str, NONE),  # e.g. "VOC classic"; the header falls back to dataset.type
+        "global_batch": {"labeled": _k(None, int, NONE), "unlabeled": _k(None, int, NONE)},
+        "published_miou": _k(None, *NUM, NONE),
+        "source": _k(None, str, NONE),
+    },
 }
 
 # The release's names (and a few of U2PL's) -> ours, by dotted path.
@@ -529,6 +537,12 @@ def _check_semantics(cfg: dict, where: str) -> None:
         fail("dataset.ignore_index", f"= {ds['ignore_index']} collides with a class id (< {net['num_classes']})")
     if tr["optimizer"]["kwargs"]["lr"] <= 0:
         fail("trainer.optimizer.kwargs.lr", "must be positive")
+    recipe = cfg["recipe"]
+    for part, size in recipe["global_batch"].items():
+        if size is not None and size < 0:
+            fail(f"recipe.global_batch.{part}", f"must be a number of images >= 0, got {size}")
+    if recipe["published_miou"] is not None and not 0 < recipe["published_miou"] <= 100:
+        fail("recipe.published_miou", f"is an mIoU in percent, in (0, 100]; got {recipe['published_miou']}")
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:

@@ -647,10 +647,7 @@ def evaluate_configured(model, loader, cfg: dict, *, device=None, amp_dtype=None
     Training and eval.py both call this, so the two can never evaluate differently.
     """
     ev = cfg["evaluation"]
-    refine = None
-    if ev["refine"]:
-        unsup = cfg["trainer"]["unsupervised"]
-        refine = {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": prior}
+    refine = _configured_refine(cfg, prior) if ev["refine"] else None
     return evaluate(
         model, loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
         mode=ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
@@ -658,3 +655,41 @@ def evaluate_configured(model, loader, cfg: dict, *, device=None, amp_dtype=None
         save_fn=save_fn, distributed=distributed, amp_dtype=amp_dtype,
         pad_label=cfg["dataset"]["val"]["crop"]["pad_label"],
     )
+
+
+def _configured_refine(cfg: dict, prior) -> dict:
+    """The training config's refinement settings, for test-time refinement."""
+    unsup = cfg["trainer"]["unsupervised"]
+    return {"neighbors": unsup["neighborhood_size"], "k": unsup["num_neighbors"], "prior": prior}
+
+
+def configured_inference(model, cfg: dict, *, device=None, amp_dtype=None,
+                         prior=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The config's inference protocol as a function: normalised images [B, 3, H, W] ->
+    float32 class probabilities [B, C, H, W] at the images' own size.
+
+    The same forward, sliding window, scales and flips as `evaluate_configured`, for images
+    without labels (eval.py --images). `center_crop` predicts the whole image: its crop exists
+    to score U2PL's protocol, and a prediction must cover every pixel. With
+    `evaluation.refine` the probabilities are S4MC's refined ones (not renormalised; only
+    their argmax is meant to be used).
+    """
+    ev = cfg["evaluation"]
+    sliding = ev["mode"] == "sliding"
+    crop = _pair(ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"], "crop_size") if sliding else None
+    scales = tuple(float(s) for s in ev["scales"])
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"evaluation.scales must be a non-empty list of positive numbers, got {scales}")
+    if not 0 < float(ev["stride_rate"]) <= 1:
+        raise ConfigError(f"evaluation.stride_rate must lie in (0, 1], got {ev['stride_rate']}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    forward = _Forward(model, device, amp_dtype)
+    refine_fn = _resolve_refine(_configured_refine(cfg, prior), device) if ev["refine"] else None
+
+    @torch.no_grad()
+    def infer(image: torch.Tensor) -> torch.Tensor:
+        prob = _predict_probs(forward, image.to(device), sliding=sliding, crop=crop,
+                              stride_rate=float(ev["stride_rate"]), scales=scales, flip=ev["flip"])
+        return refine_fn(prob).float() if refine_fn is not None else prob
+
+    return infer

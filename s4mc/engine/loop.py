@@ -21,6 +21,7 @@ from s4mc import __version__, method
 from s4mc.config import dump_config
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from s4mc.engine import checkpoint as ckpt_io
+from s4mc.engine.run_header import build_run_header, count_images, format_run_header, record_run_header
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError
@@ -276,9 +277,13 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.iteration if resume_path is not None else None) \
         if dist.is_main else None
     progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log)
-    log.info("%d epochs × %d iterations, batch %d labeled + %d unlabeled per process, amp %s, channels_last %s",
-             tr["epochs"], iters_per_epoch, cfg["dataset"]["batch_size"],
-             0 if sup_only else cfg["dataset"]["batch_size"], state.amp_dtype or "off", state.channels_last)
+    header = build_run_header(
+        cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=iters_per_epoch,
+        labeled_images=count_images(labeled_loader), unlabeled_images=count_images(unlabeled_loader),
+        val_images=count_images(val_loader), amp_dtype=state.amp_dtype, channels_last=state.channels_last)
+    if dist.is_main:
+        log.info("%s", format_run_header(header))
+        record_run_header(run_dir, header)
 
     debug: dict = {}
     history: list[dict] = []  # every logged window, for the run's mean pseudo-label diagnostics

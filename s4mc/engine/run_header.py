@@ -1,0 +1,196 @@
+"""The run header: one block at the start of a run that states the protocol it follows.
+
+Users compare their mIoU with a paper's; most gaps come from a different global batch,
+LR, split or evaluation protocol, so the header states each of these as the run
+resolved it (after LR scaling, with the image counts of the split lists actually
+loaded) next to what the config's `recipe` says was published. Rank 0 logs the block
+and stores the same facts under "protocol" in the run's environment.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
+
+
+def count_images(loader) -> int | None:
+    """Images behind a loader, before any repetition (the labeled set is repeated to the
+    unlabeled length) or seeding wrapper: the length of the split list as loaded."""
+    if loader is None:
+        return None
+    dataset = loader.dataset
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return len(dataset)
+
+
+def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
+                     labeled_images: int | None, unlabeled_images: int | None, val_images: int | None,
+                     amp_dtype: torch.dtype | None, channels_last: bool, accumulate: int | None = None) -> dict:
+    """The protocol facts of a run, JSON-able (see `format_run_header` for the text form).
+
+    iters_per_epoch counts micro-batches (loader steps); optimizer steps per epoch are
+    that divided by the accumulation. The LRs are the optimizer's groups' `initial_lr`:
+    the base of the poly schedule after `trainer.lr_scaling`.
+    """
+    ds, tr, recipe = cfg["dataset"], cfg["trainer"], cfg["recipe"]
+    sup_only = tr["mode"] == "sup"
+    if accumulate is None:
+        accumulate = tr.get("accumulate", 1)
+    accumulate = accumulate if isinstance(accumulate, int) and accumulate >= 1 else 1
+    per_process = {"labeled": ds["batch_size"], "unlabeled": 0 if sup_only else ds["batch_size"]}
+    global_batch = {k: v * world_size * accumulate for k, v in per_process.items()}
+    steps_per_epoch = iters_per_epoch // accumulate
+    total_steps = tr["epochs"] * steps_per_epoch
+    if tr["max_iters"]:
+        total_steps = min(total_steps, tr["max_iters"] // accumulate)
+    unsup = tr["unsupervised"]
+    ev = cfg["evaluation"]
+    return {
+        "dataset": {
+            "name": recipe["dataset"] or DATASET_NAMES.get(ds["type"], ds["type"]),
+            "type": ds["type"],
+            "labeled_images": labeled_images,
+            "unlabeled_images": None if sup_only else unlabeled_images,
+            "val_images": val_images,
+            "n_sup": ds["n_sup"],
+            "labeled_list": ds["train"]["data_list"],
+            "unlabeled_list": None if sup_only else ds["train"]["unlabeled_list"],
+        },
+        "batch": {
+            "per_process": per_process,
+            "world_size": world_size,
+            "accumulate": accumulate,
+            "global": global_batch,
+            "recipe_global": dict(recipe["global_batch"]),
+        },
+        "lr": {
+            "groups": {group.get("name", str(i)): group["initial_lr"] for i, group in
+                       enumerate(optimizer.param_groups)},
+            "scaling": tr["lr_scaling"],
+            "schedule": f"{tr['lr_scheduler']['mode']}, power {tr['lr_scheduler']['kwargs']['power']}",
+        },
+        "schedule": {
+            "epochs": tr["epochs"],
+            "supervised_warmup_epochs": tr["epochs"] if sup_only else tr["sup_only_epoch"],
+            "optimizer_steps_per_epoch": steps_per_epoch,
+            "optimizer_steps_total": total_steps,
+            "max_iters": tr["max_iters"],
+        },
+        "method": {
+            "mode": tr["mode"],
+            "mixing": None if sup_only else unsup["mixing"],
+            "refine": False if sup_only else unsup["refine"],
+            "neighborhood_size": unsup["neighborhood_size"],
+            "num_neighbors": unsup["num_neighbors"],
+            "indicator": unsup["indicator"],
+            "strong_aug": False if sup_only else unsup["strong_aug"],
+            "contrastive": tr["contrastive"] is not None and not sup_only,
+        },
+        # A list, so a run that reports several protocols can name the one that picks best.pth.
+        "evaluation": [] if not tr["eval_on"] else [{
+            "mode": ev["mode"],
+            "scales": list(ev["scales"]),
+            "flip": ev["flip"],
+            "crop_size": _crop(ev["crop_size"] or ds["val"]["crop"]["size"]) if ev["mode"] != "whole" else None,
+            "pad_label": ds["val"]["crop"]["pad_label"] if ev["mode"] == "center_crop" else None,
+            "refine": ev["refine"],
+            "every_epochs": tr["eval_every"],
+            "selects_best": True,
+        }],
+        "precision": {
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
+            "channels_last": bool(channels_last),
+            "compile": bool(tr["compile"]),
+        },
+        "target": {"published_miou": recipe["published_miou"], "source": recipe["source"]},
+    }
+
+
+def _crop(size) -> list[int]:
+    return [size, size] if isinstance(size, int) else list(size)
+
+
+def _batch_text(batch: dict) -> str:
+    return f"{batch['labeled']} + {batch['unlabeled']}"
+
+
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def format_run_header(facts: dict) -> str:
+    """The header block, one fact per line."""
+    d, b, lr, s, m, p, t = (facts[k] for k in ("dataset", "batch", "lr", "schedule", "method", "precision", "target"))
+    data = f"{d['name']}, {_count(d['labeled_images'])} labeled"
+    if d["unlabeled_images"] is not None:
+        data += f" / {_count(d['unlabeled_images'])} unlabeled"
+    data += " (split lists as loaded)"
+    if d["val_images"] is not None:
+        data += f", {d['val_images']:,} val images"
+    if d["n_sup"] is not None and d["labeled_images"] is not None and d["n_sup"] != d["labeled_images"]:
+        data += f"; note: dataset.n_sup says {d['n_sup']}"
+
+    per = b["per_process"]
+    batch = (f"{per['labeled']} labeled + {per['unlabeled']} unlabeled per process × {b['world_size']} "
+             f"process(es) × accumulate {b['accumulate']} = global {_batch_text(b['global'])}")
+    recipe = b["recipe_global"]
+    if recipe.get("labeled") is not None:
+        same = recipe["labeled"] == b["global"]["labeled"] and recipe["unlabeled"] == b["global"]["unlabeled"]
+        batch += f"; recipe {_batch_text(recipe)}" + ("" if same else " (DIFFERS)")
+
+    lrs = ", ".join(f"{name} {value:.4g}" for name, value in lr["groups"].items())
+    lr_text = f"{lrs} ({lr['schedule']}, lr_scaling {lr['scaling']})"
+
+    sched = (f"{s['epochs']} epochs ({s['supervised_warmup_epochs']} supervised-only) × "
+             f"{s['optimizer_steps_per_epoch']:,} optimizer steps = {s['epochs'] * s['optimizer_steps_per_epoch']:,} steps")
+    if s["max_iters"]:
+        sched += f"; trainer.max_iters stops at {s['optimizer_steps_total']:,}"
+
+    if m["mode"] == "sup":
+        method = "supervised only"
+    else:
+        refine = (f"S4MC refinement on ({m['neighborhood_size']}-neighbourhood, k {m['num_neighbors']})"
+                  if m["refine"] else "refinement off (CutMix-Seg baseline)")
+        method = (f"semi-supervised, {m['indicator']} threshold, {refine}, mixing {m['mixing']}, "
+                  f"FixMatch strong view {'on' if m['strong_aug'] else 'off'}, "
+                  f"U2PL contrastive {'on' if m['contrastive'] else 'off'}")
+
+    evals = []
+    for e in facts["evaluation"]:
+        text = {"whole": "whole image", "center_crop": "centre crop", "sliding": "sliding window"}[e["mode"]]
+        if e["crop_size"]:
+            text += f" {e['crop_size'][0]}×{e['crop_size'][1]}"
+        if e["pad_label"] is not None:
+            text += f" (padding labelled {e['pad_label']})"
+        scales = e["scales"]
+        text += ", single scale" if scales == [1.0] else f", scales {scales}"
+        text += ", flip" if e["flip"] else ""
+        text += ", also refined" if e["refine"] else ""
+        text += f", every {e['every_epochs']} epoch(s)"
+        text += "; selects best.pth" if e["selects_best"] else ""
+        evals.append(text)
+    evaluation = "; ".join(evals) if evals else "off (trainer.eval_on: false)"
+
+    precision = (f"amp {p['amp']}, channels_last {'on' if p['channels_last'] else 'off'}, "
+                 f"compile {'on' if p['compile'] else 'off'}")
+    if t["published_miou"] is not None:
+        target = f"{t['published_miou']:.2f} mIoU ({t['source'] or 'source not given'})"
+    else:
+        target = f"no published number ({t['source'] or 'recipe.published_miou not set in the config'})"
+
+    rows = [("dataset", data), ("batch", batch), ("lr", lr_text), ("schedule", sched), ("method", method),
+            ("evaluation", evaluation), ("precision", precision), ("target", target)]
+    return "run protocol:\n" + "\n".join(f"  {name:<12}{text}" for name, text in rows)
+
+
+def record_run_header(run_dir: str | Path, facts: dict) -> None:
+    """Add the facts to the run's environment.json under "protocol" (creating it if absent)."""
+    path = Path(run_dir) / "environment.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info["protocol"] = facts
+    path.write_text(json.dumps(info, indent=2))

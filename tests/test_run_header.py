@@ -1,0 +1,138 @@
+"""The run header: the protocol a run follows, logged at start and stored in environment.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from s4mc.cli import train_main
+from s4mc.config import load_config
+from s4mc.engine import loop
+from s4mc.engine.run_header import build_run_header, format_run_header
+from s4mc.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_voc(root: Path, n_labeled=4, n_unlabeled=12, n_val=3) -> Path:
+    """A VOC tree (JPEGImages, SegmentationClassAug) with U2PL-style split lists."""
+    rng = np.random.default_rng(0)
+    ids = [f"2008_{i:06d}" for i in range(n_labeled + n_unlabeled + n_val)]
+    for sid in ids:
+        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / "JPEGImages" / f"{sid}.jpg"), rng.integers(0, 256, (36, 44, 3), dtype=np.uint8))
+        Image.fromarray(rng.integers(0, 21, (36, 44), dtype=np.uint8)).save(root / "SegmentationClassAug" / f"{sid}.png")
+    splits = root / "splits" / "366"
+    splits.mkdir(parents=True)
+    (splits / "labeled.txt").write_text("\n".join(ids[:n_labeled]) + "\n")
+    (splits / "unlabeled.txt").write_text("\n".join(ids[n_labeled:n_labeled + n_unlabeled]) + "\n")
+    (root / "splits" / "val.txt").write_text("\n".join(ids[n_labeled + n_unlabeled:]) + "\n")
+    return root
+
+
+def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
+    root = fake_voc(tmp_path / "VOC2012")
+    opts = [
+        f"output_dir={tmp_path / 'runs'}",
+        f"dataset.train.data_root={root}", f"dataset.train.data_list={root / 'splits/366/labeled.txt'}",
+        f"dataset.val.data_root={root}", f"dataset.val.data_list={root / 'splits/val.txt'}",
+        "dataset.batch_size=2", "dataset.workers=0", "dataset.train.crop.size=[32,32]",
+        # A tiny network: the header does not depend on its size, the test's run time does.
+        "net.encoder.pretrained=null", "net.encoder.type=resnet_tiny", "net.encoder.kwargs.width=8",
+        "net.decoder.kwargs.inner_planes=16", "net.decoder.kwargs.low_conv_planes=16",
+        "net.decoder.kwargs.dilations=[2,4,6]", "trainer.max_iters=1",
+    ]
+    code = train_main(["--config", str(REPO / "experiments/pascal/366/config.yaml"), "--device", "cpu",
+                       "--name", "voc", "--opts", *opts])
+    assert code == 0
+    out = capsys.readouterr().out
+    block = out[out.index("run protocol:"):]
+    lines = {m.group(1): m.group(2) for m in re.finditer(r"^  (\w+) +(.+)$", block, re.M)}
+    assert lines["dataset"].startswith("VOC classic, 4 labeled / 12 unlabeled (split lists as loaded), 3 val images")
+    assert "note: dataset.n_sup says 366" in lines["dataset"]
+    assert lines["batch"].startswith("2 labeled + 2 unlabeled per process × 1 process(es) × accumulate 1 "
+                                     "= global 2 + 2; recipe 16 + 16 (DIFFERS)")
+    assert lines["lr"].startswith("backbone 0.001, head 0.01 (poly, power 0.9, lr_scaling none)")
+    # 12 unlabeled images / (2 per process × 1 process) = 6 steps per epoch, 80 epochs.
+    assert lines["schedule"].startswith("80 epochs (1 supervised-only) × 6 optimizer steps = 480 steps")
+    assert "stops at 1" in lines["schedule"]
+    assert lines["evaluation"] == "whole image, single scale, every 1 epoch(s); selects best.pth"
+    assert lines["precision"] == "amp off, channels_last off, compile off"
+    assert lines["target"] == ("75.41 mIoU (S4MC paper (arXiv 2308.13900), PASCAL VOC classic table, "
+                               "S4MC + CutMix-Seg, 366 labels)")
+    assert "mixing cutmix" in lines["method"] and "refinement on (4-neighbourhood" in lines["method"]
+
+    env = json.loads((tmp_path / "runs" / "voc" / "environment.json").read_text())
+    assert "git_commit" in env  # the header is added to the run info, not written instead of it
+    facts = env["protocol"]
+    assert facts["dataset"]["labeled_images"] == 4 and facts["dataset"]["unlabeled_images"] == 12
+    assert facts["batch"]["global"] == {"labeled": 2, "unlabeled": 2}
+    assert facts["batch"]["recipe_global"] == {"labeled": 16, "unlabeled": 16}
+    assert facts["lr"]["groups"] == pytest.approx({"backbone": 0.001, "head": 0.01})
+    assert facts["schedule"]["optimizer_steps_per_epoch"] == 6
+    assert facts["schedule"]["optimizer_steps_total"] == 1
+    assert facts["evaluation"][0]["mode"] == "whole" and facts["evaluation"][0]["selects_best"]
+    assert facts["target"]["published_miou"] == 75.41
+    assert format_run_header(facts) in block  # the stored facts give back the logged block
+
+
+def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.lr_scaling": "linear", "trainer.head_lr_mult": 10,
+                                         "evaluation.mode": "sliding", "evaluation.flip": True,
+                                         "evaluation.crop_size": 24})
+    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=2)
+    facts = build_run_header(cfg, world_size=2, optimizer=optimizer, iters_per_epoch=10, labeled_images=8,
+                             unlabeled_images=24, val_images=5, amp_dtype=torch.bfloat16, channels_last=True,
+                             accumulate=2)
+    # lr 0.01 × (2 per process × 2 processes) / reference 16; the head ×10.
+    assert facts["lr"]["groups"] == pytest.approx({"backbone": 0.0025, "head": 0.025})
+    assert facts["batch"]["global"] == {"labeled": 8, "unlabeled": 8}
+    assert facts["schedule"]["optimizer_steps_per_epoch"] == 5
+    text = format_run_header(facts)
+    assert "× 2 process(es) × accumulate 2 = global 8 + 8\n" in text  # the toy config states no recipe batch
+    assert "sliding window 24×24, single scale, flip" in text
+    assert "amp bfloat16, channels_last on, compile off" in text
+    assert "no published number (recipe.published_miou not set in the config)" in text
+
+
+def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup", "trainer.eval_on": False})
+    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
+                             unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
+    text = format_run_header(facts)
+    assert "8 labeled (split lists as loaded)" in text and "unlabeled (split" not in text
+    assert "2 labeled + 0 unlabeled per process" in text
+    assert "supervised only" in text and "evaluation  off (trainer.eval_on: false)" in text
+
+
+def _readme_row(label: str) -> list[float]:
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label and len(cells) == 6 and all(re.fullmatch(r"[\d.]+", c) for c in cells[1:]):
+            return [float(c) for c in cells[1:]]  # the published-numbers table, not the variants table
+    raise AssertionError(f"README has no table row {label!r}")
+
+
+def test_every_experiment_states_its_recipe_and_the_readme_numbers():
+    cutmix = dict(zip((92, 183, 366, 732, 1464), _readme_row("S4MC + CutMix-Seg")))
+    psi = dict(zip((92, 183, 366, 732, 1464), _readme_row("S4MC + FixMatch (S4MC ψ)")))
+    configs = sorted((REPO / "experiments").rglob("config.yaml"))
+    assert len(configs) >= 24
+    for path in configs:
+        recipe = load_config(path)["recipe"]
+        assert recipe["global_batch"]["labeled"] and recipe["global_batch"]["unlabeled"], path
+        assert recipe["dataset"] and recipe["source"], path  # a null number still says why
+        family, split = path.parent.parent.name, path.parent.name
+        if family == "pascal":
+            assert recipe["published_miou"] == cutmix[int(split)], path
+        elif family == "pascal_psi":
+            assert recipe["published_miou"] == psi[int(split)], path
