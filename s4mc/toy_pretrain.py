@@ -86,11 +86,16 @@ def pretrain_encoder(folder: str | os.PathLike | None = None, *, config: str | o
         os.replace(tmp, out)  # a killed run never leaves a half-written encoder behind
         info = {"pool_images": pool_images, "pool_seed": POOL_SEED, "epochs": epochs,
                 "iterations": summary["iterations"], "pool_val_miou": summary.get("final", {}).get("miou"),
-                "seconds": round(summary["seconds"], 1), "config": str(config)}
+                "seconds": round(summary["seconds"], 1), "config": _shown(config)}
         (folder / "encoder.json").write_text(json.dumps(info, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _shown(path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def ensure_pretrained_encoder(cfg: dict) -> Path | None:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
 _N_POOLS = 6                   # colour pools shared by all classes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
-_CLASS_PREF = 0.9              # probability a class uses "its" colour pool / texture
+_CLASS_PREF = 0.97             # probability a class uses "its" colour pool / texture
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class ToyStyle:
 
     shapes: tuple = ("circle", "rectangle", "triangle", "blob", "ring")
     class_pref: float = _CLASS_PREF
-    scale: tuple = (0.10, 0.24)
-    objects: tuple = (2, 7)  # [low, high) objects per scene
+    scale: tuple = (0.15, 0.32)
+    objects: tuple = (2, 6)  # [low, high) objects per scene
     palette_shift: int = 0   # class c prefers colour pool / texture c + shift
 
 
@@ -65,7 +65,8 @@ TARGET = ToyStyle()
 # The pretraining pool (the toy's ImageNet, see s4mc/toy_pretrain.py): other shapes, and colour
 # and texture only half as telling and mapped to classes differently (shifted by 3), so the encoder
 # learns generic colour, texture and edge features but not which of them means which target class.
-PRETRAIN = ToyStyle(shapes=("star", "cross", "ellipse", "hexagon", "crescent"), class_pref=0.5, palette_shift=3)
+PRETRAIN = ToyStyle(shapes=("star", "cross", "ellipse", "hexagon", "crescent"), class_pref=0.5, palette_shift=3,
+                     scale=(0.10, 0.24), objects=(2, 7))
 
 
 def _grid(size: int):
@@ -202,7 +203,7 @@ def _write_mask(path: Path, label: np.ndarray) -> None:
     im.save(path)
 
 
-def generate_toy(root: str | os.PathLike, *, seed: int = 0, num_train: int = 400, num_labeled: int = 20,
+def generate_toy(root: str | os.PathLike, *, seed: int = 0, num_train: int = 400, num_labeled: int = 15,
                  num_val: int = 100, size: int = 128, overwrite: bool = False, style: ToyStyle = TARGET) -> Path:
     """Write the toy dataset under `root` and return it.
 
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="data/toy", help="output directory (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed (default: %(default)s)")
     ap.add_argument("--num-train", type=int, default=400, help="training images (default: %(default)s)")
-    ap.add_argument("--num-labeled", type=int, default=20,
+    ap.add_argument("--num-labeled", type=int, default=15,
                     help="of which listed in splits/labeled.txt (default: %(default)s)")
     ap.add_argument("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
