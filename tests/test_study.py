@@ -169,3 +169,29 @@ def test_variants_script_end_to_end(toy_root, tmp_path):
     assert variants.main(["--config", str(cfg), "--seeds", "0", "1", "--variants", "supervised", "supervised_all",
                           "s4mc", "--from-runs", str(tmp_path / "runs"), "--json", str(again)]) == 0
     assert json.loads(again.read_text())["variants"] == result["variants"]
+
+
+def test_comparison_line_reads_the_study(tmp_path, toy_root, toy_cfg):
+    from s4mc.logs import comparison_line, study_row
+
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"seeds": [0, 1, 2], "variants": {
+        "supervised": {"mean": 57.08, "std": 1.47}, "s4mc": {"mean": 66.5, "std": 0.5}}}))
+    line = comparison_line(study, 0.6612, "s4mc")
+    assert "this run (S4MC) 66.12" in line and "supervised only 57.08 ± 1.47" in line
+    assert "S4MC 66.50 ± 0.50" in line and "+9.04 over supervised only" in line and "seeds 0 1 2" in line
+    assert "cannot read the study" in comparison_line(tmp_path / "missing.json", 0.5, "s4mc")
+    rows = {"supervised": {"trainer.mode": "sup"}, "cutmix_seg": {"trainer.unsupervised.refine": False},
+            "s4mc_psi": {"trainer.unsupervised.strong_aug": True}, "s4mc": {}}
+    for row, overrides in rows.items():
+        assert study_row(toy_cfg(toy_root, tmp_path, **overrides)) == row
+
+
+def test_toy_config_compares_with_the_shipped_study():
+    from s4mc.config import load_config
+
+    cfg = load_config(REPO / "experiments" / "toy" / "config.yaml")
+    study = json.loads(Path(cfg["evaluation"]["compare_with"]).read_text())
+    assert set(study["variants"]) >= {"supervised", "supervised_all", "cutmix_seg", "s4mc"}
+    assert all(len(row["miou"]) == len(study["seeds"]) for row in study["variants"].values())
+    assert cfg["net"]["encoder"]["pretrained"] == "toy" and (REPO / "data" / "toy_pretrain" / "encoder.pth").is_file()
