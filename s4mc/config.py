@@ -136,6 +136,8 @@ SCHEMA: dict = {
             "keep_schedule": _k("epoch", str, choices=("epoch", "iteration")),
             "mixing": _k("cutmix", str, choices=("cutmix", "classmix", "cutout", "none")),
             "mix_prob": _k(0.5, *NUM),
+            # The release flipped one coin per step for the whole batch; "sample" flips one per image.
+            "mix_gate": _k("batch", str, choices=("batch", "sample")),
             "refine": _k(True, bool),
             "neighborhood_size": _k(4, int, choices=(4, 8)),
             "num_neighbors": _k(1, int),

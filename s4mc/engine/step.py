@@ -93,7 +93,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
         if mode != "none":
             mask = mixing.sample_mix_mask(
                 n_u, *size, mode=mode, prob=unsup["mix_prob"], generator=state.generator, device=state.device,
-                pseudo_label=pseudo, partner_label=p_pseudo, ignore_index=ignore,
+                pseudo_label=pseudo, partner_label=p_pseudo, ignore_index=ignore, gate=unsup["mix_gate"],
             )
 
             def mix(x, partner_x, fill):
