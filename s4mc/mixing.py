@@ -1,4 +1,4 @@
-"""CutMix, ClassMix and Cutout for the student's strong view (SPEC step 2).
+"""CutMix, ClassMix and Cutout for the student's strong view (docs/method.md step 2).
 
 A mix is described by a boolean mask [B,H,W]; True means "this pixel comes from the
 partner" (sample (i+1) mod B unless a partner batch is given), or for Cutout "this pixel

@@ -1,4 +1,4 @@
-"""Tests for s4mc.mixing (SPEC step 2)."""
+"""Tests for s4mc.mixing (docs/method.md step 2)."""
 import pytest
 import torch
 
