@@ -93,7 +93,9 @@ SCHEMA: dict = {
             "data_root": _k(REQUIRED, str, path=True),
             "data_list": _k(REQUIRED, str, path=True),
             "crop": {
-                "type": _k("center", str, choices=("center", "none")),
+                # center: training selects best.pth by U2PL's centre-crop mIoU and logs
+                # evaluation.mode's beside it; none: evaluation.mode alone.
+                "type": _k("none", str, choices=("center", "none")),
                 "size": _k([513, 513], list),
                 "pad_label": _k(255, int),
             },
@@ -140,6 +142,8 @@ SCHEMA: dict = {
             "keep_schedule": _k("epoch", str, choices=("epoch", "iteration")),
             "mixing": _k("cutmix", str, choices=("cutmix", "classmix", "cutout", "none")),
             "mix_prob": _k(0.5, *NUM),
+            # The release flipped one coin per step for the whole batch; "sample" flips one per image.
+            "mix_gate": _k("batch", str, choices=("batch", "sample")),
             "refine": _k(True, bool),
             "neighborhood_size": _k(4, int, choices=(4, 8)),
             "num_neighbors": _k(1, int),
@@ -161,6 +165,8 @@ SCHEMA: dict = {
             "num_queries": _k(256, int),
             "temperature": _k(0.5, *NUM),
             "memory_capacity": _k(30000, int),
+            # true: the term as the release computed it, U2PL's four bugs included (s4mc/contrastive.py).
+            "release_exact": _k(False, bool),
         },
     },
     "criterion": {
@@ -202,11 +208,11 @@ SCHEMA: dict = {
         },
     },
     "saver": {
+        # Relative to the run directory (output_dir/name); an absolute path is used as is.
         "checkpoint_dir": _k("checkpoints", str),
         "pretrain": _k("", str),
         "auto_resume": _k(False, bool),
     },
-    "mode": {"eval": _k(False, bool), "compare": _k(False, bool)},
     "evaluation": {
         "mode": _k("whole", str, choices=("whole", "center_crop", "sliding")),
         "scales": _k([1.0], list),
@@ -235,7 +241,6 @@ ALIASES: dict[str, str] = {
     "trainer.unsupervised.n_neigbors": "trainer.unsupervised.num_neighbors",
     "trainer.unsupervised.drop_percent": "trainer.unsupervised.keep_percent",
     "trainer.unsupervised.apply_aug": "trainer.unsupervised.mixing",
-    "main_mode": "mode",
     "saver.snapshot_dir": "saver.checkpoint_dir",
     "dataset.ignore_label": "dataset.ignore_index",
 }
@@ -248,8 +253,10 @@ VALUE_ALIASES: dict[str, dict] = {
     "trainer.lr_scaling": {False: "none", None: "none"},
 }
 # Release keys that we accept and ignore, because they had no effect or are
-# implied elsewhere (saying so is better than a silent drop).
+# implied elsewhere. A load lists those it met in one warning (better than a silent drop).
 IGNORED_KEYS = {
+    "main_mode.eval": "the release's evaluate-only switch; evaluate with eval.py",
+    "main_mode.compare": "the release's evaluate-only switch; evaluate with eval.py",
     "dataset.noise_std": "read by no code path of the release",
     "dataset.train.scale": "no effect in the release either",
     "dataset.val.scale": "no effect in the release either",
@@ -322,14 +329,33 @@ def _rename_aliases(raw: dict, where: str, prefix: str = "") -> tuple[dict, bool
     return out, used_alias
 
 
-def _merge(schema: dict, raw: dict, where: str, prefix: str = "") -> dict:
-    """Defaults from `schema`, overridden by `raw`; unknown keys are errors."""
+# Ignored switches that would change what a run does if they were on: refused when true.
+REFUSED_WHEN_ON = {"main_mode.eval", "main_mode.compare"}
+
+
+def _take_ignored(dotted: str, value, where: str, ignored: list[str]) -> bool:
+    """Record `dotted` (or every key of the block it names) as ignored; False if it is unknown."""
+    if dotted in IGNORED_KEYS:
+        if dotted in REFUSED_WHEN_ON and value:
+            raise ConfigError(f"{where}: '{dotted}: {value!r}' is not supported here ({IGNORED_KEYS[dotted]})")
+        ignored.append(dotted)
+        return True
+    if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in IGNORED_KEYS):
+        for key, sub in value.items():
+            if not _take_ignored(f"{dotted}.{key}", sub, where, ignored):
+                raise ConfigError(f"{where}: unknown key '{dotted}.{key}'{_suggest(dotted + '.' + key)}")
+        return True
+    return False
+
+
+def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[str] | None = None) -> dict:
+    """Defaults from `schema`, overridden by `raw`; unknown keys are errors, ignored ones go to `ignored`."""
+    ignored = [] if ignored is None else ignored
     result: dict = {}
     for key, value in raw.items():
         dotted = prefix + key
         if key not in schema:
-            if dotted in IGNORED_KEYS:
-                logging.getLogger("s4mc").warning("%s: ignoring release key '%s' (%s)", where, dotted, IGNORED_KEYS[dotted])
+            if _take_ignored(dotted, value, where, ignored):
                 continue
             raise ConfigError(f"{where}: unknown key '{dotted}'{_suggest(dotted)}")
     for key, sub in schema.items():
@@ -345,7 +371,7 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "") -> dict:
                 value = {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{dotted}' must be a mapping of keys, got {value!r}")
-            result[key] = _merge(sub, value, where, dotted + ".")
+            result[key] = _merge(sub, value, where, dotted + ".", ignored)
             continue
         if not present:
             if sub.default is REQUIRED:
@@ -414,7 +440,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _apply_override(raw: dict, key: str, value, where: str) -> None:
     dotted = _canonical(key)
-    if _schema_at(dotted) is None and dotted not in IGNORED_KEYS:
+    if _schema_at(dotted) is None and dotted not in IGNORED_KEYS and not any(
+            k.startswith(dotted + ".") for k in IGNORED_KEYS):
         raise ConfigError(f"{where}: unknown key '{key}'{_suggest(dotted)}")
     node = raw
     parts = dotted.split(".")
@@ -473,7 +500,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _apply_override(raw, key, value, f"{where} (override '{item}')")
-    cfg = _merge(SCHEMA, raw, where)
+    ignored: list[str] = []
+    cfg = _merge(SCHEMA, raw, where, ignored=ignored)
+    if ignored:
+        logging.getLogger("s4mc").warning(
+            "%s: ignoring %d release key(s): %s", where, len(ignored),
+            "; ".join(f"{key} ({IGNORED_KEYS[key]})" for key in ignored))
     _check_semantics(cfg, where)
 
     base_choice = cfg["path_base"]
@@ -543,6 +575,12 @@ def _check_semantics(cfg: dict, where: str) -> None:
             fail(f"recipe.global_batch.{part}", f"must be a number of images >= 0, got {size}")
     if recipe["published_miou"] is not None and not 0 < recipe["published_miou"] <= 100:
         fail("recipe.published_miou", f"is an mIoU in percent, in (0, 100]; got {recipe['published_miou']}")
+    if cfg["criterion"]["kwargs"]["use_weight"]:
+        fail("criterion.kwargs.use_weight", "= true is not implemented: the release then added a second "
+             "cross-entropy weighted by a hard-coded table of 19 Cityscapes class weights; set it to false")
+    if ds["train"]["crop"]["type"] != "rand":
+        fail("dataset.train.crop.type", f"= {ds['train']['crop']['type']!r}: training crops are always random "
+             "(rand), as in the release; other types are not implemented")
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:

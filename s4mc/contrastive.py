@@ -1,4 +1,4 @@
-"""U2PL's unreliable-pseudo-label contrastive term (SPEC step 9, "S4MC + U2PL").
+"""U2PL's unreliable-pseudo-label contrastive term (docs/method.md step 9, "S4MC + U2PL").
 
 U2PL (Wang et al., CVPR 2022) adds a pixel-to-prototype InfoNCE loss on the model's
 `rep` output (256 channels at 1/4 of the input size):
@@ -30,21 +30,39 @@ The release hard-coded ``100 - alpha_t`` here and never read
 the same numbers, and the key now has a meaning instead of being silently ignored.
 
 Deliberate departures from the release code, all of which are bugs reported on
-U2PL's tracker:
+U2PL's tracker. ``release_exact=True`` (``trainer.contrastive.release_exact``) puts each
+of them back, so the term computes what the S4MC release computed:
 
 * Labeled negatives: the release multiplied a "label is c" mask by a "label is not c"
   mask, so labeled pixels never became negatives (U2PL issue #171). Unlabeled
   negatives had the same contradiction against the pseudo-label, so the bank was
   filled only where the two teacher passes disagreed. Here the masks follow the
-  paper's definition.
+  paper's definition. *Release-exact:* a negative for class c must carry label c (ground
+  truth or pseudo-label), so labeled pixels never qualify, and an unlabeled pixel
+  qualifies when its pseudo-label is c while the teacher's second forward ranks c in
+  ``[low_rank, high_rank)``.
 * The release indexed anchors by position in its list of present classes, not by class
   id (issue #111), so a class's anchors could meet another class's prototype and bank.
-  Here anchor, positive and negatives always belong to the same class.
+  Here anchor, positive and negatives always belong to the same class. *Release-exact:*
+  with ``v_0 < v_1 < ...`` the classes present in the batch, the j-th term takes its
+  anchors and its positive from class j (the id, not ``v_j``) and its negatives from
+  ``v_j``'s bank; it is skipped when class j has no anchor or ``v_j``'s bank is empty.
+  Classes with an id at or above the number of classes present never give anchors.
 * Ranks are clamped to the number of classes, so 2- and 3-class tasks get negatives.
   With ``low_rank=3`` the release's term was always 0 on them (issues #17, #142).
-  Details are in :meth:`ContrastiveSettings.ranks_for`.
+  Details are in :meth:`ContrastiveSettings.ranks_for`. *Release-exact:* the ranks are
+  used as configured, so with C <= low_rank no unlabeled pixel is ever a negative.
 * The release divided the term by the world size. DDP already averages gradients, so
-  that only shrank the weight; it is not done here.
+  that only shrank the weight; it is not done here. *Release-exact:* the gradient is
+  that of ``loss / world_size``, and the value is the mean over the ranks (the release
+  all-reduced the value before dividing); with one process nothing changes.
+
+Also under ``release_exact``: the unreliable percentile is ``100 - alpha_t`` (the
+release's formula), so ``unsupervised_entropy_ignore`` is not read. What remains
+different from the release in that mode is numerical detail, not behaviour: entropy
+and its percentiles are taken at the ``rep`` resolution (the release took them at the
+crop size and downsampled the masks), and labels are resized on the align-corners grid
+(the release used ``F.interpolate(mode="nearest")``).
 
 Kept from the release: a batch with fewer than ``min_present_classes`` (2) classes
 present gives 0, and ``current_class_negative_threshold`` (1 = no filter) still limits
@@ -55,7 +73,7 @@ fp32/fp64 with autocast disabled, even when the model runs in bf16/fp16. All
 randomness comes from an explicit ``torch.Generator``. The only host syncs are the
 ones needed to enqueue a variable number of negatives.
 
-Usage in a training step (after the teacher's second forward, SPEC step 4)::
+Usage in a training step (after the teacher's second forward, docs/method.md step 4)::
 
     settings = ContrastiveSettings.from_config(cfg["trainer"]["contrastive"])
     memory = ContrastiveMemory(num_classes, settings.memory_capacity, device=device,
@@ -118,6 +136,8 @@ class ContrastiveSettings:
     memory_capacity: int = 30000
     min_present_classes: int = 2
     ignore_index: int = 255
+    # True: the four U2PL bugs the release computed with (module docstring) are kept.
+    release_exact: bool = False
 
     # Release ablation switches we do not implement; they are accepted only when off, so
     # a U2PL YAML that spells them out as false still loads.
@@ -199,10 +219,13 @@ class ContrastiveSettings:
           U2PL's own advice for binary tasks). The upper end is clamped to C and kept
           above the lower end.
 
-        With C >= high_rank this returns exactly (low_rank, low_rank, high_rank).
+        With C >= high_rank this returns exactly (low_rank, low_rank, high_rank), which is
+        also what ``release_exact`` returns for every C (ranks above C select nothing).
         """
         if num_classes < 2:
             raise ValueError(f"contrastive term needs at least 2 classes, got {num_classes}")
+        if self.release_exact:
+            return self.low_rank, self.low_rank, self.high_rank
         low_l = min(self.low_rank, num_classes)
         low_u = min(self.low_rank, num_classes - 1)
         high = max(min(self.high_rank, num_classes), low_u + 1)
@@ -221,6 +244,8 @@ def entropy_percentiles_at(settings: ContrastiveSettings, epoch: float, epochs: 
         raise ValueError(f"epochs must be > 0, got {epochs}")
     remaining = min(max(1.0 - float(epoch) / float(epochs), 0.0), 1.0)
     alpha = settings.low_entropy_threshold * remaining
+    if settings.release_exact:
+        return alpha, 100.0 - alpha
     beta = 100.0 - (100.0 - settings.unsupervised_entropy_ignore) * remaining
     return alpha, beta
 
@@ -535,6 +560,7 @@ def contrastive_loss(
     epochs: float,
     *,
     generator: Optional[torch.Generator] = None,
+    world_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """U2PL's contrastive term. Returns ``(loss, stats)``; the loss is already multiplied by
     ``settings.loss_weight`` and is ready to add to the total.
@@ -557,6 +583,8 @@ def contrastive_loss(
     * ``epoch`` / ``epochs``: drive the entropy-percentile schedule. ``epoch`` may be fractional.
     * ``generator``: source of all randomness (anchor and negative draws). The default is
       ``memory.generator``.
+    * ``world_size``: used only with ``settings.release_exact`` (the release's division);
+      None reads it from torch.distributed (1 when that is not initialised).
 
     ``stats`` values are 0-dim tensors (no host sync) except ``negatives_enqueued`` (int):
     ``loss_unweighted``, ``entropy_low`` / ``entropy_high`` (thresholds),
@@ -620,8 +648,14 @@ def contrastive_loss(
             proto_mask = onehot & reliable[:, None]
             anchor_mask = proto_mask & (prob > settings.current_class_threshold)
             # Negatives for c: pixels that are not c but could be confused with c.
-            neg_l = is_lab[:, None] & ~onehot & (rank < low_l)
-            neg_u = ~is_lab[:, None] & ~onehot & (rank >= low_u) & (rank < high)
+            if settings.release_exact:
+                # U2PL's masks: "label is c" (from the one-hot) times "label is not c" for
+                # labeled pixels, which is never true; "label is c" for unlabeled ones.
+                neg_l = torch.zeros_like(onehot)
+                neg_u = ~is_lab[:, None] & onehot & (rank >= low_u) & (rank < high)
+            else:
+                neg_l = is_lab[:, None] & ~onehot & (rank < low_l)
+                neg_u = ~is_lab[:, None] & ~onehot & (rank >= low_u) & (rank < high)
             neg_mask = unreliable[:, None] & (neg_l | neg_u) & (prob < settings.current_class_negative_threshold)
 
             # [C, N] masks over the flattened pixels (N = B*h*w), matching feats [N, D].
@@ -644,7 +678,14 @@ def contrastive_loss(
 
         # Classes that can contribute need a non-empty bank (known on the host) and anchors
         # (known on the device; masked below without a sync).
-        usable = [c for c in range(num_classes) if memory.size(c) > 0]
+        if settings.release_exact:
+            # U2PL indexed its per-class lists by the position j among the present classes:
+            # anchors and positive of class j, negatives from present class v_j's bank.
+            present = (proto_count > 0).nonzero().flatten().tolist()
+            pairs = [(j, v) for j, v in enumerate(present) if memory.size(v) > 0]
+        else:
+            pairs = [(c, c) for c in range(num_classes) if memory.size(c) > 0]
+        usable = [a for a, _ in pairs]
         classes_present = (proto_count > 0).sum()
         # A zero that is still connected to rep_student, so backward() works when nothing
         # qualifies (summing first avoids an fp32 copy of the whole map).
@@ -655,7 +696,7 @@ def contrastive_loss(
             q, k = settings.num_queries, settings.num_negatives
             with torch.no_grad():
                 anchor_idx, anchor_count = _sample_masked(anchor_mask.index_select(0, usable_t), q, gen)
-                negatives = torch.stack([memory.sample(c, q * k, gen) for c in usable]).to(device)
+                negatives = torch.stack([memory.sample(v, q * k, gen) for _, v in pairs]).to(device)
                 negatives = F.normalize(negatives.view(len(usable), q, k, dim), dim=-1, eps=1e-8)
                 positives = F.normalize(prototypes.index_select(0, usable_t), dim=-1, eps=1e-8)
             feats_s = rep_student.permute(0, 2, 3, 1).reshape(-1, dim)
@@ -672,6 +713,8 @@ def contrastive_loss(
             scaled = total / classes_present.clamp(min=1).float()
             loss = loss + torch.where(enough, scaled, torch.zeros_like(scaled))
             per_class_used = torch.where(enough, per_class_used, torch.zeros_like(per_class_used))
+        if settings.release_exact:
+            loss = _release_world_division(loss, world_size)
 
     with torch.no_grad():
         n_valid_u = valid_u.sum().clamp(min=1).float()
@@ -687,6 +730,23 @@ def contrastive_loss(
             "negatives_enqueued": enqueued,
         }
     return loss * settings.loss_weight, stats
+
+
+def _release_world_division(loss: torch.Tensor, world_size: Optional[int]) -> torch.Tensor:
+    """The release's ``all_reduce(loss); loss / world``: the value becomes the mean over the
+    ranks, while the gradient is the local one divided by the world size (all_reduce is not
+    differentiated), and DDP then averages that gradient once more."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if distributed else 1
+    local = loss / world_size
+    if not distributed or dist.get_world_size() == 1:
+        return local
+    mean = local.detach().clone()
+    dist.all_reduce(mean)
+    return local + (mean - local.detach())
 
 
 def _keep_newest_per_class(cls: torch.Tensor, pix: torch.Tensor, num_classes: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""What the logs report about the pseudo-labels of a step (ARCHITECTURE.md: the loss's stats).
+"""What the logs report about the pseudo-labels of a step.
 
 Kept fractions with and without refinement, how many pixels refinement flipped, and, when the
 unlabeled images have ground truth (benchmarks, ablations), how often a kept pseudo-label is right.

@@ -14,8 +14,9 @@ val every class is present and both rules agree.)
 Inference protocols (``mode``)
 ------------------------------
 * ``whole`` (default): the full image goes through the network once per scale/flip.
-  This is the protocol of the published VOC numbers.
-* ``center_crop``: U2PL's in-training VOC protocol. The image is padded symmetrically
+* ``center_crop``: U2PL's in-training VOC protocol, which produced the published VOC
+  numbers (with ``pad_label=0``; the VOC configs select best.pth by it, see
+  ``training_protocols``). The image is padded symmetrically
   up to ``crop_size`` (image with 0, i.e. the mean colour after normalisation; label
   with ``pad_label``) and the centre ``crop_size`` window is kept. U2PL padded the
   label with 0 (background), so padding pixels counted as background ground truth and
@@ -640,17 +641,32 @@ def format_table(result: EvalResult, class_names: Sequence[str] | None = None) -
     return "\n".join(lines)
 
 
+def training_protocols(cfg: dict) -> list[str]:
+    """The evaluation modes training runs: the first selects best.pth, the others are logged beside it.
+
+    `dataset.val.crop.type: center` makes the selecting one U2PL's centre crop
+    (`dataset.val.crop.size`, padding labelled `dataset.val.crop.pad_label`): the
+    in-training protocol behind the published VOC numbers. `evaluation.mode` (whole
+    image, say) is then computed too. With `none`, `evaluation.mode` alone is run.
+    """
+    mode = cfg["evaluation"]["mode"]
+    if cfg["dataset"]["val"]["crop"]["type"] == "center" and mode != "center_crop":
+        return ["center_crop", mode]
+    return [mode]
+
+
 def evaluate_configured(model, loader, cfg: dict, *, device=None, amp_dtype=None, prior=None,
-                        distributed: bool | None = None, save_fn=None) -> EvalResult:
+                        distributed: bool | None = None, save_fn=None, mode: str | None = None) -> EvalResult:
     """`evaluate` with the protocol a config describes (its `evaluation` block).
 
     Training and eval.py both call this, so the two can never evaluate differently.
+    `mode` replaces `evaluation.mode` (training runs each of `training_protocols(cfg)`).
     """
     ev = cfg["evaluation"]
     refine = _configured_refine(cfg, prior) if ev["refine"] else None
     return evaluate(
         model, loader, num_classes=cfg["net"]["num_classes"], ignore_index=cfg["dataset"]["ignore_index"],
-        mode=ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
+        mode=mode or ev["mode"], crop_size=ev["crop_size"] or cfg["dataset"]["val"]["crop"]["size"],
         stride_rate=ev["stride_rate"], scales=ev["scales"], flip=ev["flip"], refine=refine, device=device,
         save_fn=save_fn, distributed=distributed, amp_dtype=amp_dtype,
         pad_label=cfg["dataset"]["val"]["crop"]["pad_label"],

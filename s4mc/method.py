@@ -1,4 +1,4 @@
-"""The S4MC idea as pure tensor functions (SPEC.md, steps 5-8).
+"""The S4MC idea as pure tensor functions (docs/method.md, steps 5-8).
 
 - step 5 (DPA): `indicator_map` gives the per-pixel confidence indicator and `threshold`
   the percentile gamma over valid pixels (the keep-percent kappa's schedule is
@@ -33,7 +33,7 @@ def _check_indicator(indicator):
 
 
 def indicator_map(prob, indicator="margin"):
-    """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (SPEC steps 5 and 7)."""
+    """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (docs/method.md steps 5 and 7)."""
     _check_indicator(indicator)
     if indicator == "margin":
         if prob.shape[1] < 2:
@@ -54,7 +54,7 @@ def indicator_map(prob, indicator="margin"):
 
 
 def threshold(indicator_map, valid, percent):
-    """SPEC step 5's gamma: numpy.percentile(indicator_map[valid], percent) ("linear"), as a
+    """docs/method.md step 5's gamma: numpy.percentile(indicator_map[valid], percent) ("linear"), as a
     float64 0-dim tensor; 0 with no valid pixel. Never syncs with the GPU (see s4mc.percentile).
     """
     if indicator_map.shape != valid.shape:
@@ -76,7 +76,7 @@ def _resolve_prior(prior, num_classes, like):
 
 
 def refine(prob, neighbors=4, k=1, prior=None):
-    """Neighbour refinement (PLR) of probabilities [B,C,H,W] (non-negative), SPEC step 6.
+    """Neighbour refinement (PLR) of probabilities [B,C,H,W] (non-negative), docs/method.md step 6.
 
     For every class, the k largest neighbour probabilities q (zero-padded borders) are
     folded in descending order: p <- p + beta*q - beta*max(p*q, p*E), E the per-class
@@ -134,7 +134,7 @@ def _reliable(ind, gamma, indicator):
 
 
 def indicator_maps(teacher_logits, indicator="margin", neighbors=4, k=1, prior=None, refine=True):
-    """The dense part of SPEC steps 5-7: the fp32 softmax p, its indicator map, and the indicator
+    """The dense part of docs/method.md steps 5-7: the fp32 softmax p, its indicator map, and the indicator
     map of the refined p (None without refinement).
 
     Only elementwise work and class reductions, with no data-dependent shapes: this is what
@@ -147,7 +147,7 @@ def indicator_maps(teacher_logits, indicator="margin", neighbors=4, k=1, prior=N
 
 def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator="margin", neighbors=4,
                         k=1, prior=None, refine=True, ground_truth=None, ignore_index=255, maps=None):
-    """SPEC steps 5-7: the pseudo-label with unreliable pixels set to `ignore_index`.
+    """docs/method.md steps 5-7: the pseudo-label with unreliable pixels set to `ignore_index`.
 
     Returns (target [B,H,W] int64, stats). gamma always comes from the unrefined
     probabilities; with `refine` the keep/drop decision uses the refined ones, but a kept
@@ -180,7 +180,7 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
 def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, *, indicator="margin",
                       neighbors=4, k=1, prior=None, refine=True, ground_truth=None, ignore_index=255,
                       maps=None):
-    """SPEC step 8: L_u = (B*H*W / kept) * CE(student, target), with target from steps 5-7.
+    """docs/method.md step 8: L_u = (B*H*W / kept) * CE(student, target), with target from steps 5-7.
 
     Gradients reach only `student_logits`. The CE is computed in fp32 whatever the input
     dtype; with nothing kept the loss is an exact 0 that still backpropagates (zeros).

@@ -1,4 +1,4 @@
-"""CutMix, ClassMix and Cutout for the student's strong view (SPEC step 2).
+"""CutMix, ClassMix and Cutout for the student's strong view (docs/method.md step 2).
 
 A mix is described by a boolean mask [B,H,W]; True means "this pixel comes from the
 partner" (sample (i+1) mod B unless a partner batch is given), or for Cutout "this pixel
@@ -39,9 +39,16 @@ def _class_mask(source, generator, ignore_index):
     return torch.isin(source, chosen)
 
 
+GATES = ("batch", "sample")
+
+
 def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_label=None,
-                    partner_label=None, ignore_index=255, device=None):
-    """Sample a mix mask bool[B,H,W]; each sample is mixed with probability `prob`.
+                    partner_label=None, ignore_index=255, device=None, gate="batch"):
+    """Sample a mix mask bool[B,H,W]; mixing happens with probability `prob`.
+
+    `gate="batch"` flips one coin for the whole batch, as the release did: either every
+    sample of the step is mixed or none is. `gate="sample"` flips one coin per sample.
+    Either way each mixed sample gets its own box (or class set).
 
     ClassMix picks half the classes present in the partner's pseudo-label: pass the
     batch's `pseudo_label` [B,H,W] (the partner is then sample (i+1) mod B) or, with an
@@ -51,6 +58,8 @@ def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_l
         raise ConfigError(f"unknown mixing mode {mode!r}; expected one of {', '.join(MODES)}")
     if not 0.0 <= prob <= 1.0:
         raise ConfigError(f"mix probability must lie in [0, 1], got {prob!r}")
+    if gate not in GATES:
+        raise ConfigError(f"unknown mix gate {gate!r}; expected one of {', '.join(GATES)}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"mixing needs a CPU torch.Generator, got {generator!r}")
     if device is None:
@@ -72,14 +81,17 @@ def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_l
         if tuple(source.shape) != (batch, height, width):
             raise ValueError(f"labels for classmix have shape {tuple(source.shape)}, "
                              f"expected {(batch, height, width)}")
-    # Draw the gate for every sample up front so the stream does not depend on outcomes.
-    gate = torch.rand(batch, generator=generator) < prob
+    # Draw the coins up front so the generator's stream does not depend on their outcomes.
+    if gate == "batch":
+        mixed = (torch.rand(1, generator=generator) < prob).expand(batch)
+    else:
+        mixed = torch.rand(batch, generator=generator) < prob
     for i in range(batch):
         if mode == "classmix":
             chosen = _class_mask(source[i], generator, ignore_index).to(device)
         else:
             y0, y1, x0, x1 = _half_area_box(height, width, generator)
-        if not gate[i]:
+        if not mixed[i]:
             continue
         if mode == "classmix":
             mask[i] = chosen

@@ -1,6 +1,6 @@
 """numpy.percentile over the masked entries of a device tensor, without a host sync.
 
-The S4MC threshold (SPEC step 5) and U2PL's entropy split (step 9) both need a percentile
+The S4MC threshold (docs/method.md step 5) and U2PL's entropy split (step 9) both need a percentile
 of the valid pixels of a map, every step. Boolean indexing or `.item()` would stall the
 GPU until the map is ready, and torch.quantile refuses inputs above 2**24 entries, so the
 device path sorts with the invalid entries pushed to +inf and reads both order statistics

@@ -1,4 +1,4 @@
-"""Per-class neighbour priors E_c for the refinement's joint term (SPEC step 6).
+"""Per-class neighbour priors E_c for the refinement's joint term (docs/method.md step 6).
 
 E_c is the fraction of a pixel's 4-connected neighbours that carry the same ground-truth
 class c, measured on each dataset's training labels; the numbers are the ones published

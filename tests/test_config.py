@@ -74,14 +74,14 @@ def test_release_aliases_map_to_new_names(tmp_path):
         "neigborhood_size": 8,
         "n_neigbors": 3,
     }
-    data["main_mode"] = {"eval": True}
+    data["main_mode"] = {"eval": False, "compare": False}
     data["saver"] = {"snapshot_dir": "ck"}
     cfg = load_config(write(tmp_path, data), ["trainer.unsupervised.n_neigbors=2"])
     unsup = cfg["trainer"]["unsupervised"]
     assert cfg["dataset"]["type"] == "pascal"
     assert unsup["keep_percent"] == 80 and unsup["mixing"] == "classmix"
     assert unsup["neighborhood_size"] == 8 and unsup["num_neighbors"] == 2
-    assert cfg["mode"]["eval"] is True
+    assert "mode" not in cfg and "main_mode" not in cfg
     assert cfg["saver"]["checkpoint_dir"] == "ck"
     # A release file keeps its paths relative to its own folder.
     assert cfg["path_base"] == "config"
@@ -202,3 +202,43 @@ def test_shipped_experiment_configs_load():
         cfg = load_config(path)
         assert cfg["net"]["num_classes"] >= 2, path
         assert Path(cfg["dataset"]["train"]["data_root"]).is_absolute()
+
+
+def test_ignored_release_keys_give_one_warning_and_switches_that_would_act_are_refused(tmp_path, caplog):
+    data = minimal()
+    data["main_mode"] = {"eval": False, "compare": False}
+    data["dataset"]["noise_std"] = 0.1
+    with caplog.at_level("WARNING", logger="s4mc"):
+        load_config(write(tmp_path, data))
+    warnings = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(warnings) == 1
+    for key in ("main_mode.eval", "main_mode.compare", "dataset.noise_std"):
+        assert key in warnings[0]
+    data["main_mode"] = {"eval": True}
+    with pytest.raises(ConfigError, match="main_mode.eval.*eval.py"):
+        load_config(write(tmp_path, data))
+    data["main_mode"] = {"evaluate": False}
+    with pytest.raises(ConfigError, match="unknown key 'main_mode.evaluate'"):
+        load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match="main_mode.compare"):
+        load_config(write(tmp_path, minimal()), ["main_mode.compare=true"])
+
+
+def test_use_weight_true_and_non_random_training_crops_are_refused(tmp_path):
+    data = minimal()
+    data["criterion"] = {"type": "CELoss", "kwargs": {"use_weight": False}}
+    assert load_config(write(tmp_path, data))["criterion"]["kwargs"]["use_weight"] is False
+    data["criterion"]["kwargs"]["use_weight"] = True
+    with pytest.raises(ConfigError, match="criterion.kwargs.use_weight"):
+        load_config(write(tmp_path, data))
+    with pytest.raises(ConfigError, match="dataset.train.crop.type"):
+        load_config(write(tmp_path, minimal()), ["dataset.train.crop.type=center"])
+
+
+def test_mix_gate_defaults_to_batch(tmp_path):
+    cfg = load_config(write(tmp_path, minimal()))
+    assert cfg["trainer"]["unsupervised"]["mix_gate"] == "batch"
+    cfg = load_config(write(tmp_path, minimal()), ["trainer.unsupervised.mix_gate=sample"])
+    assert cfg["trainer"]["unsupervised"]["mix_gate"] == "sample"
+    with pytest.raises(ConfigError, match="mix_gate"):
+        load_config(write(tmp_path, minimal()), ["trainer.unsupervised.mix_gate=pixel"])

@@ -227,11 +227,19 @@ def test_custom_dataset_unlabeled_without_masks(tmp_path):
 # real split files
 # ---------------------------------------------------------------------------
 
+# One test, so that a clone without the fetched lists shows one skip for them, not eight.
 @needs_splits
-@pytest.mark.parametrize("name,n_lab,n_unl", [("pascal/92", 92, 10490), ("pascal/662", 662, 9920),
-                                               ("pascal/1464", 1464, 9118), ("cityscapes/186", 186, 2789),
-                                               ("cityscapes/1488", 1488, 1487)])
-def test_real_split_counts(name, n_lab, n_unl):
+def test_split_checksums_counts_and_formats(tmp_path):
+    """The fetched U2PL/S4MC lists: SHA-256 sums, counts, id formats, and fetch() against them."""
+    _check_split_sums()
+    for name, n_lab, n_unl in [("pascal/92", 92, 10490), ("pascal/662", 662, 9920), ("pascal/1464", 1464, 9118),
+                               ("cityscapes/186", 186, 2789), ("cityscapes/1488", 1488, 1487)]:
+        _check_split_counts(name, n_lab, n_unl)
+    _check_val_and_formats()
+    _check_fetch_with_files_as_fake_remote(tmp_path)
+
+
+def _check_split_counts(name, n_lab, n_unl):
     lab = read_split(SPLITS / name / "labeled.txt")
     unl = read_split(SPLITS / name / "unlabeled.txt")
     assert (len(lab), len(unl)) == (n_lab, n_unl)
@@ -240,8 +248,7 @@ def test_real_split_counts(name, n_lab, n_unl):
     assert len(set(lab) | set(unl)) == total
 
 
-@needs_splits
-def test_real_val_and_formats():
+def _check_val_and_formats():
     pv = read_split(SPLITS / "pascal/val.txt")
     cv = read_split(SPLITS / "cityscapes/val.txt")
     assert len(pv) == 1449 and len(cv) == 500
@@ -252,8 +259,7 @@ def test_real_val_and_formats():
     assert not raw.endswith(b"\n") and read_split(SPLITS / "pascal/92/labeled.txt")[-1] == raw.decode().split("\n")[-1]
 
 
-@needs_splits
-def test_split_sums_match_shared_files():
+def _check_split_sums():
     sums = split_sums()
     files = sorted(p.relative_to(SPLITS).as_posix() for p in SPLITS.rglob("*.txt"))
     assert sorted(sums) == files
@@ -294,8 +300,7 @@ def test_fetch_verifies_with_fake_fetcher(tmp_path):
         fetch_splits(tmp_path / "u", only=["pascal/val.txt"], fetcher=offline, sums=sums, base_url="https://z/splits/")
 
 
-@needs_splits
-def test_fetch_against_shared_files_as_fake_remote(tmp_path):
+def _check_fetch_with_files_as_fake_remote(tmp_path):
     out = fetch_splits(tmp_path, only=["cityscapes/186"],
                        fetcher=lambda url: (SPLITS / url.split("/data/splits/")[1]).read_bytes())
     assert len(out) == 2 and len(read_split(out[0])) in (186, 2789)

@@ -1,4 +1,4 @@
-"""Tests for s4mc.mixing (SPEC step 2)."""
+"""Tests for s4mc.mixing (docs/method.md step 2)."""
 import pytest
 import torch
 
@@ -73,9 +73,10 @@ def test_box_covers_half_the_image():
 
 
 def test_probability_gates_samples():
-    masks = sample_mix_mask(400, 8, 8, mode="cutmix", prob=0.5, generator=_generator())
-    mixed = masks.any(dim=(1, 2)).float().mean()
-    assert 0.4 < float(mixed) < 0.6
+    masks = sample_mix_mask(400, 8, 8, mode="cutmix", prob=0.5, generator=_generator(), gate="sample")
+    mixed = masks.any(dim=(1, 2))
+    assert 0.4 < float(mixed.float().mean()) < 0.6
+    assert mixed.any() and not mixed.all()  # one batch holds mixed and unmixed samples
     assert not sample_mix_mask(8, 8, 8, mode="cutmix", prob=0.0, generator=_generator()).any()
     assert not sample_mix_mask(8, 8, 8, mode="none", prob=1.0, generator=_generator()).any()
 
@@ -116,3 +117,37 @@ def test_bad_input_is_named():
     image, _ = _encoded_batch()
     with pytest.raises(ValueError, match="does not fit"):
         apply_mix(image, torch.zeros(B, H, W + 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mode", ["cutmix", "classmix"])
+def test_batch_gate_mixes_all_or_none(mode):
+    # The release's gate: one coin per step, so the samples of a step always agree.
+    gen = _generator(3)
+    pseudo = torch.arange(8 * 8).view(1, 8, 8).repeat(4, 1, 1) % 4  # 4 classes in every sample
+    mixed_steps = 0
+    for _ in range(400):
+        mask = sample_mix_mask(4, 8, 8, mode=mode, prob=0.5, generator=gen, pseudo_label=pseudo)
+        per_sample = mask.any(dim=(1, 2))
+        assert per_sample.all() or not per_sample.any()
+        mixed_steps += int(per_sample.all())
+    assert 0.42 < mixed_steps / 400 < 0.58
+
+
+def test_sample_gate_share_of_mixed_steps():
+    # Per-sample coins: with 4 samples a step is untouched only with probability 1/16.
+    gen = _generator(4)
+    steps = [sample_mix_mask(4, 8, 8, mode="cutmix", prob=0.5, generator=gen, gate="sample").any(dim=(1, 2))
+             for _ in range(400)]
+    touched = sum(bool(s.any()) for s in steps) / 400
+    disagree = sum(bool(s.any() and not s.all()) for s in steps) / 400
+    assert 0.88 < touched < 0.99
+    assert disagree > 0.8
+
+
+def test_default_gate_is_batch_and_unknown_gate_is_rejected():
+    gen_a, gen_b = _generator(5), _generator(5)
+    a = sample_mix_mask(6, 8, 8, mode="cutmix", prob=0.5, generator=gen_a)
+    b = sample_mix_mask(6, 8, 8, mode="cutmix", prob=0.5, generator=gen_b, gate="batch")
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="mix gate"):
+        sample_mix_mask(4, 8, 8, mode="cutmix", generator=_generator(), gate="pixel")

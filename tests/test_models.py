@@ -24,8 +24,8 @@ from s4mc.models import (
     resnet101,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference" / "u2pl_model_state_dict.json"
+# Every state-dict key and shape of the release's models; provenance in tests/data/README.md.
+REFERENCE = Path(__file__).resolve().parent / "data" / "u2pl_model_state_dict.json"
 
 VARIANTS = {
     "resnet101_voc21": dict(num_classes=21, encoder=dict(type="resnet101")),
@@ -37,7 +37,7 @@ VARIANTS = {
     ),
     "resnet50_voc21": dict(num_classes=21, encoder=dict(type="u2pl.models.resnet.resnet50")),
 }
-# Facts measured from the release; asserted even when the shared reference folder is absent.
+# Facts measured from the release (also in the reference file).
 PARAMS = {"resnet101_voc21": 64_459_989, "resnet101_cityscapes19_aux": 66_824_422, "resnet50_voc21": 45_467_861}
 
 TINY = dict(
@@ -49,8 +49,6 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def reference():
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference data not found at {REFERENCE} (shared folder absent)")
     return json.loads(REFERENCE.read_text())
 
 

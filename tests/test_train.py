@@ -125,7 +125,7 @@ def test_supervised_only_mode(toy_root, toy_cfg, tmp_path):
 
 
 def test_release_config_keys_load(tmp_path):
-    """A config.yml with the release's key names (rebuilt from SPEC.md's key table) loads."""
+    """A config.yml written with the release's key names and values loads."""
     release = {
         "dataset": {
             "type": "pascal_semi",
@@ -283,3 +283,32 @@ def test_batch_of_one_without_sync_bn_is_a_clear_error(toy_root, toy_cfg, tmp_pa
     cfg = toy_cfg(toy_root, tmp_path, **{"dataset.batch_size": 1, "trainer.sup_only_epoch": 1})
     with pytest.raises(ConfigError, match="dataset.batch_size = 1"):
         loop_mod.train(cfg, name="b1")
+
+
+def test_centre_crop_selects_best_and_whole_image_is_logged_beside(toy_root, toy_cfg, tmp_path):
+    """The VOC configs' in-training protocol: centre crop with the padding labelled 0 selects
+    best.pth; the whole-image mIoU (evaluation.mode) is logged and saved beside it."""
+    cfg = toy_cfg(toy_root, tmp_path, **{
+        "trainer.max_iters": 2, "trainer.epochs": 1, "dataset.val.crop.type": "center",
+        "dataset.val.crop.size": [64, 64], "dataset.val.crop.pad_label": 0, "evaluation.mode": "whole",
+        "saver.checkpoint_dir": "ck"})
+    summary = loop_mod.train(cfg, name="proto")
+    run = tmp_path / "proto"
+    final, whole = summary["final"], summary["final_also"]["whole"]
+    assert final["mode"] == "center_crop" and final["options"]["pad_label"] == 0
+    # 48 px images padded to 64: the padding is scored as class 0, so more pixels count.
+    assert sum(map(sum, final["confusion"])) == 5 * 64 * 64
+    assert sum(map(sum, whole["confusion"])) < 5 * 48 * 48 + 1
+    assert summary["best_miou"] == pytest.approx(final["miou"])
+    log_text = (run / "train.log").read_text()
+    assert "center_crop" in log_text and ", whole " in log_text
+    assert (run / "ck" / "best.pth").is_file() and (run / "ck" / "latest.pth").is_file()
+    assert not (run / "checkpoints").exists()  # saver.checkpoint_dir is where checkpoints go
+
+
+def test_n_sup_must_match_the_labeled_list(toy_root, toy_cfg, tmp_path):
+    from s4mc.errors import ConfigError
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"dataset.n_sup": 7, "trainer.eval_on": False})
+    with pytest.raises(ConfigError, match="dataset.n_sup = 7 .* lists 8 labeled"):
+        loop_mod.train(cfg, name="nsup")

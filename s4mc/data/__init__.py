@@ -1,6 +1,6 @@
 """Datasets, transforms and loaders (see data/README.md for layouts and CLIs).
 
-Public API (CONTRACTS.md):
+Public API:
     build_train_loaders(cfg, *, rank=0, world_size=1, seed=0, labeled_only=False) -> TrainLoaders
     build_val_dataset(cfg) -> SegmentationDataset
     dataset_info(cfg) -> DatasetInfo(num_classes, class_names, palette, ignore_index)

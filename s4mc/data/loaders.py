@@ -142,7 +142,15 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     _maybe_make_toy(cfg, root)
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong=False)
-    labeled = SegmentationDataset(_samples(cfg, root, labeled_list, True), num_classes=info.num_classes,
+    labeled_samples = _samples(cfg, root, labeled_list, True)
+    n_sup = _get(cfg, "dataset.n_sup")
+    if n_sup is not None and n_sup != len(labeled_samples):
+        # The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
+        # almost always the wrong split file, so it is an error rather than a silent resample.
+        raise ConfigError(f"dataset.n_sup = {n_sup} but {labeled_list} lists {len(labeled_samples)} labeled "
+                          "images; point dataset.train.data_list at the split with that many images "
+                          "(python -m s4mc.data.splits make), or drop dataset.n_sup")
+    labeled = SegmentationDataset(labeled_samples, num_classes=info.num_classes,
                                   ignore_index=info.ignore_index, transform=weak)
     if labeled_only:
         return labeled, None

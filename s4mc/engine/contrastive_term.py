@@ -1,4 +1,4 @@
-"""Glue between the training step and U2PL's contrastive term (SPEC step 9, S4MC + U2PL)."""
+"""Glue between the training step and U2PL's contrastive term (docs/method.md step 9, S4MC + U2PL)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EMA teacher (SPEC step 11): parameters only, BN buffers stay the teacher's own."""
+"""EMA teacher (docs/method.md step 11): parameters only, BN buffers stay the teacher's own."""
 
 from __future__ import annotations
 

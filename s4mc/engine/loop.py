@@ -55,7 +55,7 @@ def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_scaler: bool = False) -> torch.optim.Optimizer:
-    """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (SPEC step 10)."""
+    """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (docs/method.md step 10)."""
     tr = cfg["trainer"]
     kwargs = dict(tr["optimizer"]["kwargs"])
     base_lr = kwargs.pop("lr") * lr_scale(cfg, world_size)
@@ -187,13 +187,18 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     )
 
 
+def checkpoint_dir(run_dir: Path, cfg: dict) -> Path:
+    """`saver.checkpoint_dir`, relative to the run directory unless absolute."""
+    return run_dir / os.path.expanduser(cfg["saver"]["checkpoint_dir"])
+
+
 def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> Path | None:
     if resume is None and cfg["saver"]["auto_resume"]:
         resume = "auto"
     if resume is None:
         return None
     if resume == "auto":
-        latest = run_dir / "checkpoints" / "latest.pth"
+        latest = checkpoint_dir(run_dir, cfg) / "latest.pth"
         return latest if latest.is_file() else None
     path = Path(resume).expanduser()
     if not path.is_file():
@@ -209,13 +214,17 @@ def _set_epoch(loader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True):
-    """Evaluate the teacher once the semi phase has begun, the student before (SPEC step 12)."""
-    from s4mc.evaluation import evaluate_configured
+def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) -> dict:
+    """Evaluate the teacher once the semi phase has begun, the student before (docs/method.md step 12).
+
+    Returns {mode: result} for each of `training_protocols(cfg)`; the first selects best.pth.
+    """
+    from s4mc.evaluation import evaluate_configured, training_protocols
 
     model = state.teacher if semi and state.semi_start is not None else state.student_module
-    return evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
-                               prior=state.prior, distributed=state.dist.distributed)
+    return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
+                                      prior=state.prior, distributed=state.dist.distributed, mode=mode)
+            for mode in training_protocols(cfg)}
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
@@ -232,7 +241,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         # this run sets up its logging
         ensure_pretrained_encoder(cfg)
     if dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoint_dir(run_dir, cfg).mkdir(parents=True, exist_ok=True)
     barrier()
     setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
     if dist.is_main:
@@ -269,7 +278,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         log.info("resumed from %s at epoch %d, iteration %d (best mIoU %.2f)",
                  resume_path, state.epoch + 1, state.iteration, 100 * state.best_miou)
     elif resume == "auto":
-        log.info("--resume auto: no checkpoint in %s yet, starting fresh", run_dir / "checkpoints")
+        log.info("--resume auto: no checkpoint in %s yet, starting fresh", checkpoint_dir(run_dir, cfg))
 
     total_iters = tr["epochs"] * iters_per_epoch
     stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
@@ -300,7 +309,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         check_finite(state)
         payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done)
         if dist.is_main:
-            ckpt_io.save_atomic(payload, run_dir / "checkpoints" / filename)
+            ckpt_io.save_atomic(payload, checkpoint_dir(run_dir, cfg) / filename)
 
     last_result = None
     start_time = time.perf_counter()
@@ -341,16 +350,22 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= stop_at
             if val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
                 semi = not sup_only and epoch >= tr["sup_only_epoch"]
-                last_result = evaluate_model(state, cfg, val_loader, semi=semi)
+                results = evaluate_model(state, cfg, val_loader, semi=semi)
+                (selecting, last_result), *also = results.items()
                 improved = last_result.miou > state.best_miou
                 state.best_miou = max(state.best_miou, last_result.miou)
-                log.info("epoch %d: mIoU %.2f (best %.2f) in %.1fs", epoch + 1, 100 * last_result.miou,
-                         100 * state.best_miou, last_result.seconds)
+                beside = "".join(f", {mode} {100 * r.miou:.2f}" for mode, r in also)
+                log.info("epoch %d: mIoU %.2f%s (best %.2f)%s in %.1fs", epoch + 1, 100 * last_result.miou,
+                         f" {selecting}" if also else "", 100 * state.best_miou, beside,
+                         sum(r.seconds for r in results.values()))
                 if metrics_log is not None:
-                    metrics_log.write("val", state.iteration, epoch, {"miou": last_result.miou,
-                                                                      "pixel_acc": last_result.pixel_acc})
+                    metrics_log.write("val", state.iteration, epoch, {
+                        "miou": last_result.miou, "pixel_acc": last_result.pixel_acc,
+                        **{f"miou_{mode}": r.miou for mode, r in also}})
                 if writer is not None:
                     writer.add_scalar("val/mIoU", 100 * last_result.miou, state.iteration)
+                    for mode, r in also:
+                        writer.add_scalar(f"val/mIoU_{mode}", 100 * r.miou, state.iteration)
                     for cls, iou in zip(info.class_names, last_result.iou):
                         if iou == iou:  # NaN marks a class absent from prediction and ground truth
                             writer.add_scalar(f"val/IoU/{cls}", 100 * iou, state.iteration)
@@ -374,10 +389,11 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     summary = {"run_dir": str(run_dir), "iterations": state.iteration, "seconds": elapsed,
                "best_miou": state.best_miou, "diagnostics": mean_diagnostics(history)}
     if last_result is not None:
-        log.info("final evaluation (%s, %s):\n%s", cfg["evaluation"]["mode"],
-                 "teacher" if state.semi_start is not None else "student",
-                 format_table(last_result, info.class_names))
-        summary["final"] = last_result.to_json()
+        for mode, r in results.items():
+            log.info("final evaluation (%s, %s):\n%s", mode, "teacher" if state.semi_start is not None else "student",
+                     format_table(r, info.class_names))
+        summary["final"] = last_result.to_json()  # the protocol that selected best.pth
+        summary["final_also"] = {mode: r.to_json() for mode, r in also}
         if cfg["evaluation"]["compare_with"]:
             log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg)))
         if dist.is_main:

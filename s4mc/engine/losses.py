@@ -43,7 +43,7 @@ def ohem_cross_entropy(
 
 
 def supervised_loss(outputs: dict, target: torch.Tensor, cfg: dict, size: tuple[int, int]) -> torch.Tensor:
-    """L_s on the labeled part (SPEC step 3): CE or OHEM, plus weight·aux when the aux head is on."""
+    """L_s on the labeled part (docs/method.md step 3): CE or OHEM, plus weight·aux when the aux head is on."""
     ignore = cfg["dataset"]["ignore_index"]
     crit = cfg["criterion"]
 

@@ -1,4 +1,4 @@
-"""Learning-rate and keep-percent schedules (SPEC steps 5 and 10)."""
+"""Learning-rate and keep-percent schedules (docs/method.md steps 5 and 10)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ def set_lr(optimizer, iteration: int, max_iters: int, power: float) -> float:
 
 
 def ema_momentum(iteration: int, semi_start: int, ema_decay: float) -> float:
-    """τ = min(1 − 1/(t − t0 + 1), ema_decay) (SPEC step 11): τ = 0 at t0, so the
+    """τ = min(1 − 1/(t − t0 + 1), ema_decay) (docs/method.md step 11): τ = 0 at t0, so the
     teacher starts as the student and averages over a growing window."""
     return min(1.0 - 1.0 / (iteration - semi_start + 1), ema_decay)
 
 
 def keep_percent_at(epoch: int, epochs: int, start: float = 60.0, *, iteration: int | None = None,
                     iters_per_epoch: int | None = None) -> float:
-    """Keep-percent kappa = 100 - (100 - kappa0)(1 - epoch/epochs) of SPEC step 5.
+    """Keep-percent kappa = 100 - (100 - kappa0)(1 - epoch/epochs) of docs/method.md step 5.
 
     The release steps it once per epoch (`epoch` counts from 0); give `iteration` and
     `iters_per_epoch` to move it smoothly within the epoch instead.

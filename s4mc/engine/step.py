@@ -1,4 +1,4 @@
-"""One S4MC training iteration, top to bottom (SPEC "One semi-supervised iteration").
+"""One S4MC training iteration, top to bottom (docs/method.md, "One semi-supervised iteration").
 
 weak view → pseudo-label → mix → student → teacher → refine/threshold/mask → losses
 → optimizer step → EMA. The training loop and `benchmarks/train_step.py` both call
@@ -58,7 +58,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
             out = student_fwd(x_l)
         loss_sup = supervised_loss(out, y_l, cfg, size)
         if unlabeled is not None:
-            # Warm-up: train-mode teacher forwards warm its BN statistics (SPEC step 11).
+            # Warm-up: train-mode teacher forwards warm its BN statistics (docs/method.md step 11).
             teacher.train()
             with torch.no_grad(), state.autocast():
                 teacher_fwd(x_l)
@@ -93,7 +93,7 @@ def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: di
         if mode != "none":
             mask = mixing.sample_mix_mask(
                 n_u, *size, mode=mode, prob=unsup["mix_prob"], generator=state.generator, device=state.device,
-                pseudo_label=pseudo, partner_label=p_pseudo, ignore_index=ignore,
+                pseudo_label=pseudo, partner_label=p_pseudo, ignore_index=ignore, gate=unsup["mix_gate"],
             )
 
             def mix(x, partner_x, fill):

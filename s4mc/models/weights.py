@@ -30,7 +30,7 @@ U2PL_BACKBONE_HINT = (
     "torchvision to start from torchvision's ImageNet weights."
 )
 
-# Top-level keys of a training checkpoint (SPEC: model_state, teacher_state, optimizer_state, ...).
+# Top-level keys of a training checkpoint (docs/method.md: model_state, teacher_state, optimizer_state, ...).
 _STATE_KEYS = {"teacher": ("teacher_state", "model_state"), "student": ("model_state", "teacher_state")}
 _MAX_LISTED = 25
 
