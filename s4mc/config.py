@@ -17,6 +17,7 @@ import copy
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,10 @@ def _type_name(types: tuple) -> str:
 
 def _check_value(spec: Key, value, dotted: str, where: str):
     value = VALUE_ALIASES.get(dotted, {}).get(value, value) if _hashable(value) else value
+    if isinstance(value, str) and (float in spec.types or int in spec.types) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 reads 1e6 and 2e-2 (no dot) as strings; a numeric key takes them as numbers.
+        number = float(value)
+        value = int(number) if int in spec.types and float not in spec.types and number.is_integer() else number
     ok = any(
         (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (t is int and isinstance(value, int) and not isinstance(value, bool))
@@ -365,6 +370,9 @@ def _check_value(spec: Key, value, dotted: str, where: str):
             + _close_choice(value, spec.choices)
         )
     return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _hashable(value) -> bool:
@@ -401,6 +409,9 @@ def _apply_override(raw: dict, key: str, value, where: str) -> None:
     dotted = _canonical(key)
     if _schema_at(dotted) is None and dotted not in IGNORED_KEYS:
         raise ConfigError(f"{where}: unknown key '{key}'{_suggest(dotted)}")
+    spec = _schema_at(dotted)
+    if isinstance(spec, Key):
+        value = _check_value(spec, value, dotted, where)  # so a bad value names the override
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:

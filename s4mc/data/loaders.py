@@ -17,6 +17,7 @@ DistributedSampler's seed + epoch.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -161,9 +162,12 @@ def _stream_seed(seed: int, rank: int, stream: int) -> int:
 
 def worker_init_fn(worker_id: int) -> None:
     """Runs in each worker. torch/random/numpy are already seeded by the DataLoader
-    from the (rank-dependent) base seed + worker id; only keep cv2 single-threaded."""
+    from the (rank-dependent) base seed + worker id; keep cv2 single-threaded, and leave
+    Ctrl-C to the main process, which stops the run at an iteration boundary (a worker
+    killed by it would end the run with no checkpoint)."""
     import cv2
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EpochTaggedSampler(DistributedSampler):
