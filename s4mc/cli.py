@@ -70,7 +70,6 @@ def train_main(argv: list[str] | None = None) -> int:
     from s4mc.config import load_config
     from s4mc.engine.interrupt import TrainingInterrupted
     from s4mc.engine.loop import TrainingDiverged, train
-    from s4mc.logs import log_fatal_to_file
 
     try:
         overrides = list(args.opts)
@@ -81,24 +80,17 @@ def train_main(argv: list[str] | None = None) -> int:
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
               argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite)
     except TrainingInterrupted as exc:
-        _report(exc, log_fatal_to_file)
+        print(exc, file=sys.stderr)
         return 128 + int(exc.signum)
     except TrainingDiverged as exc:
-        _report(exc, log_fatal_to_file)
+        _report(exc)
         return 3
     except S4MCError as exc:
-        _report(exc, log_fatal_to_file)
+        _report(exc)
         return 2
     except KeyboardInterrupt:
-        text = "aborted by a second Ctrl-C; nothing was saved after the last checkpoint"
-        print(text, file=sys.stderr)
-        log_fatal_to_file(text)
+        print("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
         return 130
-    except BaseException:
-        import traceback
-
-        log_fatal_to_file(traceback.format_exc())
-        raise
     finally:
         from s4mc.distributed import cleanup
 
@@ -106,34 +98,17 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def clean_message(exc: BaseException) -> str:
-    """The error's own message. An error raised in a DataLoader worker reaches the main
-    process with torch's worker traceback in front of it; keep only the original message
-    (which names the file)."""
-    text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    kind = type(exc)
-    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
-        at = text.rfind("\n" + prefix)
-        if at >= 0:
-            return text[at + 1 + len(prefix):].strip()
-    return text
-
-
-def _report(exc: BaseException, to_log_file=None) -> None:
+def _report(exc: BaseException) -> None:
     """Print a fatal error once: rank 0 always, another rank only with an error of its own
     (every rank loads the same config, so a config error would print once per process)."""
     import os
 
-    from s4mc.errors import ConfigError
+    from s4mc.errors import ConfigError, clean_message
 
     rank = int(os.environ.get("RANK", "0"))
     text = clean_message(exc)
     if rank == 0:
         print(f"error: {text}", file=sys.stderr)
-        if to_log_file is not None:
-            to_log_file(text)
     elif not isinstance(exc, ConfigError):
         print(f"error [rank {rank}]: {text}", file=sys.stderr)
 

@@ -69,7 +69,7 @@ SCHEMA: dict = {
         "palette": _k(None, list, NONE),
         "image_dir": _k(None, str, NONE),
         "mask_dir": _k(None, str, NONE),
-        "image_suffix": _k(".jpg", str),
+        "image_suffix": _k(None, str, NONE),  # null: any common extension, as `splits make` detects
         "mask_suffix": _k(".png", str),
         "train": {
             "data_root": _k(REQUIRED, str, path=True),
@@ -536,6 +536,11 @@ def _check_semantics(cfg: dict, where: str) -> None:
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
-    """Write the fully resolved config, so a run directory records what ran."""
+    """Write the fully resolved config, so a run directory records what ran.
+
+    The file loads again as a config (`config_file`, where it came from, becomes a comment)."""
+    body = {k: v for k, v in cfg.items() if k != "config_file"}
     with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(cfg, handle, sort_keys=False)
+        if cfg.get("config_file"):
+            handle.write(f"# resolved from {cfg['config_file']}\n")
+        yaml.safe_dump(body, handle, sort_keys=False)

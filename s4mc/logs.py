@@ -67,12 +67,23 @@ def attach_log_file(log_file: str | Path) -> None:
     log.addHandler(handler)
 
 
-def log_fatal_to_file(message: str) -> None:
-    """Write a fatal error to the run's log file only (the console already shows it)."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (message,), None)
-    for handler in log.handlers:
+def detach_log_file() -> None:
+    """Close the run's log file (a later run in the same process must not write to it)."""
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+
+
+def log_fatal_to_file(message: str, prefix: str = "error: ") -> None:
+    """Write how the run ended to its log file only (the console shows it already), then close
+    the file, so nothing from a later run in this process lands in it."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s%s", (prefix, message), None)
+    for handler in list(log.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+            log.removeHandler(handler)
+            handler.close()
 
 
 def format_duration(seconds: float) -> str:

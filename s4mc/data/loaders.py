@@ -17,7 +17,9 @@ DistributedSampler's seed + epoch.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,7 +31,6 @@ from s4mc.errors import ConfigError, DataError
 from .classes import BUILTIN, voc_palette
 from .datasets import (DATASET_TYPES, RepeatDataset, SegmentationDataset, build_samples,
                        default_unlabeled_list)
-from .toy import ensure_toy
 from .transforms import EvalTransform, StrongPhotometric, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -107,17 +108,31 @@ def dataset_info(cfg: dict) -> DatasetInfo:
     return DatasetInfo(n, names, palette[:n], ignore)
 
 
-def _samples(cfg: dict, root: str, split: str, require_masks: bool):
+def _samples(cfg: dict, root: str, split: str, require_masks: bool, root_key: str):
+    if not os.path.isdir(root):
+        raise DataError(f"{root_key}: the dataset root {root} does not exist or is not a directory")
     return build_samples(
         _dataset_type(cfg), root, split, require_masks=require_masks,
         image_dir=_get(cfg, "dataset.image_dir"), mask_dir=_get(cfg, "dataset.mask_dir"),
-        image_suffix=_get(cfg, "dataset.image_suffix", ".jpg"),
+        image_suffix=_get(cfg, "dataset.image_suffix"),
         mask_suffix=_get(cfg, "dataset.mask_suffix", ".png"))
 
 
-def _maybe_make_toy(cfg: dict, root: str) -> None:
-    if _dataset_type(cfg) == "toy":
+def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
+    """Generate the toy dataset on first use, but only in a folder named `toy` (the configs'
+    data/toy): a mistyped data_root must be an error, not a fresh dataset in the wrong place."""
+    if _dataset_type(cfg) != "toy":
+        return
+    from .toy import ensure_toy  # on first use, see __init__
+
+    path = Path(root)
+    if path.name == "toy" or (path.is_dir() and any(path.iterdir())):
         ensure_toy(root)
+        return
+    raise DataError(
+        f"{root_key}: {root} does not exist. The toy dataset is generated on first use only in a folder "
+        f"named toy (as data/toy); generate it elsewhere with python -m s4mc.data.toy --root {root}"
+    )
 
 
 def _train_transform(cfg: dict, strong: bool) -> TrainTransform:
@@ -140,16 +155,17 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms."""
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.train.data_root"))
-    _maybe_make_toy(cfg, root)
+    root_key = "dataset.train.data_root"
+    _maybe_make_toy(cfg, root, root_key)
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong=False)
-    labeled = SegmentationDataset(_samples(cfg, root, labeled_list, True), num_classes=info.num_classes,
+    labeled = SegmentationDataset(_samples(cfg, root, labeled_list, True, root_key), num_classes=info.num_classes,
                                   ignore_index=info.ignore_index, transform=weak)
     if labeled_only:
         return labeled, None
     unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
     strong = bool(_get(cfg, "trainer.unsupervised.strong_aug", False))
-    unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False), num_classes=info.num_classes,
+    unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
                                     transform=_train_transform(cfg, strong=strong) if strong else weak)
     return labeled, unlabeled
@@ -260,8 +276,8 @@ def build_val_dataset(cfg: dict) -> SegmentationDataset:
     """Validation set: full-size normalised images, items {"image", "label", "id"}."""
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.val.data_root"))
-    _maybe_make_toy(cfg, root)
-    samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True)
+    _maybe_make_toy(cfg, root, "dataset.val.data_root")
+    samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True, "dataset.val.data_root")
     return SegmentationDataset(
         samples, num_classes=info.num_classes, ignore_index=info.ignore_index,
         transform=EvalTransform(_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),

@@ -51,9 +51,12 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending[0].wait()
+            except Exception:  # noqa: BLE001 - the run is ending anyway; keep its own error
+                pass
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()

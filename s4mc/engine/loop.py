@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
-from s4mc.errors import CheckpointError, ConfigError, S4MCError
-from s4mc.logs import Progress, attach_log_file, format_duration, log, log_visuals, open_writer, setup_logging
+from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
+from s4mc.logs import (Progress, attach_log_file, detach_log_file, format_duration, log, log_fatal_to_file, log_visuals,
+                       open_writer, setup_logging)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -432,6 +434,12 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             save("latest.pth", epoch, epoch_done=epoch_done)
             if not last_epoch and stop.agreed():
                 raise interrupted()
+    except TrainingInterrupted as exc:
+        log_fatal_to_file(str(exc), prefix="")
+        raise
+    except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
+        log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
+        raise
     finally:
         stop.restore()
         if writer is not None:
@@ -453,6 +461,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
+    detach_log_file()
     return summary
 
 
