@@ -300,7 +300,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
 def test_two_processes_log_what_eval_py_reproduces_and_resume_exactly_after_sigkill(reference, tmp_path, capsys):
     """gloo, no SyncBN: the ranks' BN statistics differ, the logged mIoU is the checkpoint's,
     and a run SIGKILLed after a checkpoint resumes to the uninterrupted run's final state."""
@@ -324,7 +337,9 @@ def test_two_processes_log_what_eval_py_reproduces_and_resume_exactly_after_sigk
     while killed.poll() is None and not (latest.is_file() and load(latest)["iteration"] >= 3):
         assert time.time() < deadline
         time.sleep(0.02)
-    os.killpg(killed.pid, signal.SIGKILL)
+    # torchrun starts each worker in its own session: kill the workers, then the launcher.
+    for pid in [*_children(killed.pid), killed.pid]:
+        os.kill(pid, signal.SIGKILL)
     killed.communicate(timeout=60)
     assert load(latest)["iteration"] < 8
     out = straight.communicate(timeout=300)[0]
