@@ -65,9 +65,12 @@ def train_main(argv: list[str] | None = None) -> int:
                         "(default: derived from the config path and seed)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="auto: continue from <run>/checkpoints/latest.pth if it exists; or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run over even though its folder holds checkpoints (they are deleted)")
     args = parser.parse_args(argv)
 
     from s4mc.config import load_config
+    from s4mc.engine.interrupt import TrainingInterrupted
     from s4mc.engine.loop import TrainingDiverged, train
 
     try:
@@ -77,21 +80,39 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         name = args.name or default_run_name(args.config, cfg["seed"])
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
-              argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+              argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return 128 + int(exc.signum)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 3
     except S4MCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; latest.pth was saved", file=sys.stderr)
+        print("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
         return 130
     finally:
         from s4mc.distributed import cleanup
 
         cleanup()
     return 0
+
+
+def _report(exc: BaseException) -> None:
+    """Print a fatal error once: rank 0 always, another rank only with an error of its own
+    (every rank loads the same config, so a config error would print once per process)."""
+    import os
+
+    from s4mc.errors import ConfigError, clean_message
+
+    rank = int(os.environ.get("RANK", "0"))
+    text = clean_message(exc)
+    if rank == 0:
+        print(f"error: {text}", file=sys.stderr)
+    elif not isinstance(exc, ConfigError):
+        print(f"error [rank {rank}]: {text}", file=sys.stderr)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -103,8 +124,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     _common(parser)
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pth)")
-    parser.add_argument("--weights", choices=("teacher", "student"), default="teacher",
-                        help="which weights of a training checkpoint to evaluate (default teacher)")
+    parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
+                        help="which weights of a training checkpoint to evaluate; auto (default): the ones the "
+                        "run's own evaluation used (the student in warm-up and supervised-only runs), else teacher")
     parser.add_argument("--mode", choices=("whole", "center_crop", "sliding"), default=None,
                         help="whole image (default), U2PL's centre crop, or sliding window (Cityscapes)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale inference, e.g. 0.75 1 1.25")
@@ -135,7 +157,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         result = run_predict(args, overrides) if args.images is not None else run_eval(args, overrides)
     except S4MCError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(exc)
         return 2
     finally:
         cleanup()
@@ -157,7 +179,8 @@ def load_for_eval(args, overrides: list[str]):
     log = setup_logging(dist.rank)
     info = dataset_info(cfg)
     model = build_model(cfg["net"])
-    load_checkpoint(model, args.checkpoint, which=args.weights)
+    loaded = load_checkpoint(model, args.checkpoint, which=args.weights)
+    weights = loaded["which"]
     model.to(dist.device).eval()
     unsup = cfg["trainer"]["unsupervised"]
     prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
@@ -193,14 +216,14 @@ def run_eval(args, overrides: list[str]):
 
         save_fn = write_png
 
-    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, args.weights, len(dataset),
+    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, weights, len(dataset),
              cfg["evaluation"]["mode"])
     result = evaluate_configured(model, loader, cfg, device=dist.device, prior=prior, save_fn=save_fn,
                                  amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
                                  distributed=dist.distributed)
     if dist.is_main:
         print(format_table(result, info.class_names))  # with a refined column under --refine
-        payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
+        payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": weights,
                    **result.to_json()}
         print(json.dumps({"miou": result.miou, "pixel_acc": result.pixel_acc, "images_per_s": result.images_per_s,
                           "refined_miou": result.refined.miou if result.refined is not None else None}))

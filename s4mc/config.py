@@ -17,6 +17,7 @@ import copy
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ SCHEMA: dict = {
         "palette": _k(None, list, NONE),
         "image_dir": _k(None, str, NONE),
         "mask_dir": _k(None, str, NONE),
-        "image_suffix": _k(".jpg", str),
+        "image_suffix": _k(None, str, NONE),  # null: any common extension, as `splits make` detects
         "mask_suffix": _k(".png", str),
         "train": {
             "data_root": _k(REQUIRED, str, path=True),
@@ -388,6 +389,10 @@ def _type_name(types: tuple) -> str:
 
 def _check_value(spec: Key, value, dotted: str, where: str):
     value = VALUE_ALIASES.get(dotted, {}).get(value, value) if _hashable(value) else value
+    if isinstance(value, str) and (float in spec.types or int in spec.types) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 reads 1e6 and 2e-2 (no dot) as strings; a numeric key takes them as numbers.
+        number = float(value)
+        value = int(number) if int in spec.types and float not in spec.types and number.is_integer() else number
     ok = any(
         (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (t is int and isinstance(value, int) and not isinstance(value, bool))
@@ -406,6 +411,9 @@ def _check_value(spec: Key, value, dotted: str, where: str):
             + _close_choice(value, spec.choices)
         )
     return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _hashable(value) -> bool:
@@ -443,6 +451,9 @@ def _apply_override(raw: dict, key: str, value, where: str) -> None:
     if _schema_at(dotted) is None and dotted not in IGNORED_KEYS and not any(
             k.startswith(dotted + ".") for k in IGNORED_KEYS):
         raise ConfigError(f"{where}: unknown key '{key}'{_suggest(dotted)}")
+    spec = _schema_at(dotted)
+    if isinstance(spec, Key):
+        value = _check_value(spec, value, dotted, where)  # so a bad value names the override
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -584,6 +595,11 @@ def _check_semantics(cfg: dict, where: str) -> None:
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:
-    """Write the fully resolved config, so a run directory records what ran."""
+    """Write the fully resolved config, so a run directory records what ran.
+
+    The file loads again as a config (`config_file`, where it came from, becomes a comment)."""
+    body = {k: v for k, v in cfg.items() if k != "config_file"}
     with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(cfg, handle, sort_keys=False)
+        if cfg.get("config_file"):
+            handle.write(f"# resolved from {cfg['config_file']}\n")
+        yaml.safe_dump(body, handle, sort_keys=False)

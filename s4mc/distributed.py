@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -86,3 +87,33 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _floating_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [b for b in module.buffers() if b.is_floating_point()]
+
+
+@contextmanager
+def rank_averaged_buffers(*modules: torch.nn.Module):
+    """Within the block, every floating buffer (BN running statistics) holds its mean over ranks.
+
+    Without SyncBatchNorm each rank's BN statistics follow its own data, so ranks hold different
+    models. Evaluation and checkpoints see this one averaged model; afterwards each rank gets its
+    own statistics back, so evaluating or saving never changes how training continues.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    buffers = [b for m in modules for b in _floating_buffers(m)]
+    own = [b.clone() for b in buffers]
+    try:
+        if buffers:
+            flat = torch._utils._flatten_dense_tensors([b.double() for b in buffers])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for b, mean in zip(buffers, torch._utils._unflatten_dense_tensors(flat, buffers)):
+                b.copy_(mean)
+        yield
+    finally:
+        for b, saved in zip(buffers, own):
+            b.copy_(saved)

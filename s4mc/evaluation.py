@@ -291,6 +291,8 @@ def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: in
     are the same keys stacked (ids as a list). batch_size=1 because full images differ
     in size.
     """
+    from s4mc.data.loaders import worker_init_fn
+
     sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
     return DataLoader(
         dataset,
@@ -302,6 +304,10 @@ def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: in
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
         persistent_workers=False,
+        worker_init_fn=worker_init_fn,
+        # Its own generator: a loader draws a seed per pass, and from the global RNG that
+        # would shift dropout and mixing, so evaluating would change the training run.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -26,6 +26,17 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+class _EarlyRecords(logging.Handler):
+    """Keeps what rank 0 logs before the run directory exists, for `attach_log_file` to write."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logger:
     """Rank 0 logs INFO to the console (and the run's log file); other ranks only warnings."""
     for handler in list(log.handlers):
@@ -40,7 +51,40 @@ def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logg
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(fmt)
         log.addHandler(handler)
+    elif rank == 0:
+        log.addHandler(_EarlyRecords())
     return log
+
+
+def attach_log_file(log_file: str | Path) -> None:
+    """Start writing the log to `log_file`, beginning with what was logged before it existed."""
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(fmt)
+    for early in [h for h in log.handlers if isinstance(h, _EarlyRecords)]:
+        log.removeHandler(early)
+        for record in early.records:
+            handler.handle(record)
+    log.addHandler(handler)
+
+
+def detach_log_file() -> None:
+    """Close the run's log file (a later run in the same process must not write to it)."""
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+
+
+def log_fatal_to_file(message: str, prefix: str = "error: ") -> None:
+    """Write how the run ended to its log file only (the console shows it already), then close
+    the file, so nothing from a later run in this process lands in it."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s%s", (prefix, message), None)
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            log.removeHandler(handler)
+            handler.close()
 
 
 def format_duration(seconds: float) -> str:
@@ -150,14 +194,17 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def open_writer(run_dir: Path):
-    """A TensorBoard writer under the run directory (None if tensorboard is missing)."""
+def open_writer(run_dir: Path, purge_step: int | None = None):
+    """A TensorBoard writer under the run directory (None if tensorboard is missing).
+
+    A resumed run passes `purge_step` (the first iteration it will log), so events that the
+    interrupted run wrote after its checkpoint are dropped instead of shown twice."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboard is in requirements.txt
         log.warning("tensorboard is not installed: no event files will be written")
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def log_visuals(writer, visuals: dict, palette, mean, std, ignore_index: int, step: int) -> None:

@@ -260,8 +260,10 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
         assert dumps[1]["reduced_metrics"][key] == pytest.approx(dumps[0]["reduced_metrics"][key], rel=1e-6)
 
 
-def test_ctrl_c_saves_a_checkpoint_first(toy_root, toy_cfg, tmp_path, monkeypatch):
-    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False})
+def test_a_raw_keyboard_interrupt_saves_nothing_mid_step(toy_root, toy_cfg, tmp_path, monkeypatch):
+    """Ctrl-C stops at an iteration boundary (tests/test_reliability.py); a KeyboardInterrupt that
+    bypasses that (a second, deliberate Ctrl-C) must not save a half-done step."""
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 1})
     calls = {"n": 0}
 
     def interrupted(state, labeled, unlabeled, cfg, partner=None):

@@ -12,7 +12,6 @@ from .datasets import (RepeatDataset, Sample, SegmentationDataset, build_samples
                        read_split)
 from .loaders import (DatasetInfo, TrainLoaders, build_loader, build_train_datasets,
                       build_train_loaders, build_val_dataset, dataset_info)
-from .toy import ensure_toy, generate_toy
 from .transforms import EvalTransform, StrongPhotometric, TrainTransform, center_crop
 
 __all__ = [
@@ -21,3 +20,13 @@ __all__ = [
     "build_train_datasets", "build_train_loaders", "build_val_dataset", "center_crop",
     "cityscapes_lut", "dataset_info", "ensure_toy", "generate_toy", "read_split",
 ]
+
+
+def __getattr__(name: str):
+    # The toy generator loads on first use: imported eagerly, `python -m s4mc.data.toy`
+    # would find its own module already loaded and warn.
+    if name in ("ensure_toy", "generate_toy"):
+        from . import toy
+
+        return getattr(toy, name)
+    raise AttributeError(f"module 's4mc.data' has no attribute {name!r}")

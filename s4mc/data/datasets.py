@@ -133,8 +133,19 @@ def _cityscapes_samples(root: Path, lines: Sequence[str], split: Path) -> list[S
     return out
 
 
+def _find_image(folder: Path, sid: str, image_suffix: str | None) -> Path:
+    """`<sid><image_suffix>`; with no suffix, the first of IMAGE_EXTS that exists (as `splits make`
+    detects images), else the .jpg path for the not-found error."""
+    if image_suffix:
+        return folder / f"{sid}{image_suffix}"
+    for ext in IMAGE_EXTS + tuple(e.upper() for e in IMAGE_EXTS):
+        if (folder / f"{sid}{ext}").is_file():
+            return folder / f"{sid}{ext}"
+    return folder / f"{sid}.jpg"
+
+
 def _custom_samples(root: Path, lines: Sequence[str], split: Path, image_dir: str | None,
-                    mask_dir: str | None, image_suffix: str, mask_suffix: str) -> list[Sample]:
+                    mask_dir: str | None, image_suffix: str | None, mask_suffix: str) -> list[Sample]:
     img_root = root / image_dir if image_dir else root
     mask_root = root / mask_dir if mask_dir else None
     out = []
@@ -153,7 +164,7 @@ def _custom_samples(root: Path, lines: Sequence[str], split: Path, image_dir: st
             sid = str(Path(first).with_suffix(""))
         else:
             sid = first
-            img = img_root / f"{first}{image_suffix}"
+            img = _find_image(img_root, first, image_suffix)
         mask = None
         if mask_root is not None:
             cand = mask_root / f"{sid}{mask_suffix}"
@@ -164,7 +175,7 @@ def _custom_samples(root: Path, lines: Sequence[str], split: Path, image_dir: st
 
 def build_samples(dataset_type: str, root: str | os.PathLike, split: str | os.PathLike, *,
                   require_masks: bool, image_dir: str | None = None, mask_dir: str | None = None,
-                  image_suffix: str = ".jpg", mask_suffix: str = ".png") -> list[Sample]:
+                  image_suffix: str | None = None, mask_suffix: str = ".png") -> list[Sample]:
     """Resolve every line of `split` under `root`; check that each image exists.
 
     require_masks: labeled and validation sets need ground truth for every id; an

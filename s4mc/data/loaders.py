@@ -17,6 +17,9 @@ DistributedSampler's seed + epoch.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,7 +31,6 @@ from s4mc.errors import ConfigError, DataError
 from .classes import BUILTIN, voc_palette
 from .datasets import (DATASET_TYPES, RepeatDataset, SegmentationDataset, build_samples, read_split,
                        default_unlabeled_list)
-from .toy import ensure_toy
 from .transforms import EvalTransform, StrongPhotometric, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -106,17 +108,31 @@ def dataset_info(cfg: dict) -> DatasetInfo:
     return DatasetInfo(n, names, palette[:n], ignore)
 
 
-def _samples(cfg: dict, root: str, split: str, require_masks: bool):
+def _samples(cfg: dict, root: str, split: str, require_masks: bool, root_key: str):
+    if not os.path.isdir(root):
+        raise DataError(f"{root_key}: the dataset root {root} does not exist or is not a directory")
     return build_samples(
         _dataset_type(cfg), root, split, require_masks=require_masks,
         image_dir=_get(cfg, "dataset.image_dir"), mask_dir=_get(cfg, "dataset.mask_dir"),
-        image_suffix=_get(cfg, "dataset.image_suffix", ".jpg"),
+        image_suffix=_get(cfg, "dataset.image_suffix"),
         mask_suffix=_get(cfg, "dataset.mask_suffix", ".png"))
 
 
-def _maybe_make_toy(cfg: dict, root: str) -> None:
-    if _dataset_type(cfg) == "toy":
+def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
+    """Generate the toy dataset on first use, but only in a folder named `toy` (the configs'
+    data/toy): a mistyped data_root must be an error, not a fresh dataset in the wrong place."""
+    if _dataset_type(cfg) != "toy":
+        return
+    from .toy import ensure_toy  # on first use, see __init__
+
+    path = Path(root)
+    if path.name == "toy" or (path.is_dir() and any(path.iterdir())):
         ensure_toy(root)
+        return
+    raise DataError(
+        f"{root_key}: {root} does not exist. The toy dataset is generated on first use only in a folder "
+        f"named toy (as data/toy); generate it elsewhere with python -m s4mc.data.toy --root {root}"
+    )
 
 
 def _train_transform(cfg: dict, strong: bool) -> TrainTransform:
@@ -139,10 +155,11 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms."""
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.train.data_root"))
-    _maybe_make_toy(cfg, root)
+    root_key = "dataset.train.data_root"
+    _maybe_make_toy(cfg, root, root_key)
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong=False)
-    labeled_samples = _samples(cfg, root, labeled_list, True)
+    labeled_samples = _samples(cfg, root, labeled_list, True, root_key)
     n_sup = _get(cfg, "dataset.n_sup")
     if n_sup is not None and n_sup != len(labeled_samples):
         # The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
@@ -156,7 +173,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
         return labeled, None
     unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
     strong = bool(_get(cfg, "trainer.unsupervised.strong_aug", False))
-    unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False), num_classes=info.num_classes,
+    unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
                                     transform=_train_transform(cfg, strong=strong) if strong else weak)
     return labeled, unlabeled
@@ -169,9 +186,12 @@ def _stream_seed(seed: int, rank: int, stream: int) -> int:
 
 def worker_init_fn(worker_id: int) -> None:
     """Runs in each worker. torch/random/numpy are already seeded by the DataLoader
-    from the (rank-dependent) base seed + worker id; only keep cv2 single-threaded."""
+    from the (rank-dependent) base seed + worker id; keep cv2 single-threaded, and leave
+    Ctrl-C to the main process, which stops the run at an iteration boundary (a worker
+    killed by it would end the run with no checkpoint)."""
     import cv2
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EpochTaggedSampler(DistributedSampler):
@@ -269,8 +289,8 @@ def build_val_dataset(cfg: dict) -> SegmentationDataset:
     """Validation set: full-size normalised images, items {"image", "label", "id"}."""
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.val.data_root"))
-    _maybe_make_toy(cfg, root)
-    samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True)
+    _maybe_make_toy(cfg, root, "dataset.val.data_root")
+    samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True, "dataset.val.data_root")
     return SegmentationDataset(
         samples, num_classes=info.num_classes, ignore_index=info.ignore_index,
         transform=EvalTransform(_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),

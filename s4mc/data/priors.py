@@ -26,7 +26,7 @@ from typing import Iterable
 
 import numpy as np
 
-from s4mc.errors import DataError
+from s4mc.errors import ConfigError, DataError
 
 from .datasets import DATASET_TYPES, SegmentationDataset, build_samples
 
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ignore-index", type=int, default=255, help="ignored label value (default: %(default)s)")
     ap.add_argument("--image-dir", help="custom: image folder relative to --root")
     ap.add_argument("--mask-dir", help="custom: mask folder relative to --root")
-    ap.add_argument("--image-suffix", default=".jpg", help="custom: image extension (default: %(default)s)")
+    ap.add_argument("--image-suffix", default=None, help="custom: image extension (default: any common one)")
     ap.add_argument("--mask-suffix", default=".png", help="custom: mask extension (default: %(default)s)")
-    ap.add_argument("--neighbors", type=int, choices=(4, 8), default=4, help="neighbourhood (default: %(default)s)")
+    ap.add_argument("--neighbors", type=int, choices=(4, 8), default=None,
+                    help="neighbourhood (default: the config's trainer.unsupervised.neighborhood_size, else 4)")
     ap.add_argument("--out", required=True, help="output JSON path")
     a = ap.parse_args(argv)
     custom = {"image_dir": a.image_dir, "mask_dir": a.mask_dir, "image_suffix": a.image_suffix,
@@ -110,16 +111,19 @@ def main(argv: list[str] | None = None) -> int:
             root, split = cfg["dataset"]["train"]["data_root"], cfg["dataset"]["train"]["data_list"]
             n, ignore = int(cfg["net"]["num_classes"]), int(_get(cfg, "dataset.ignore_index", 255))
             custom = {k: _get(cfg, f"dataset.{k}", v) for k, v in custom.items()}
-            if dtype == "toy":
-                from .toy import ensure_toy
-                ensure_toy(root)
+            if a.neighbors is None:  # the prior must match the neighbourhood the run refines with
+                a.neighbors = int(cfg["trainer"]["unsupervised"]["neighborhood_size"])
+            from .loaders import _maybe_make_toy
+            _maybe_make_toy(cfg, root, "dataset.train.data_root")
+            if not Path(root).is_dir():
+                raise DataError(f"dataset.train.data_root: the dataset root {root} does not exist or is not a directory")
         else:
             missing = [f"--{k}" for k in ("type", "root", "list", "num_classes") if getattr(a, k) is None]
             if missing:
                 ap.error(f"without --config, give {', '.join(m.replace('_', '-') for m in missing)}")
             dtype, root, split, n, ignore = a.type, a.root, a.list, a.num_classes, a.ignore_index
-        result = prior_for_split(dtype, root, split, n, ignore_index=ignore, neighbors=a.neighbors, **custom)
-    except DataError as e:
+        result = prior_for_split(dtype, root, split, n, ignore_index=ignore, neighbors=a.neighbors or 4, **custom)
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)

@@ -153,7 +153,7 @@ def check_split(dataset_type: str, root: str | os.PathLike, split: str | os.Path
         samples = _cityscapes_samples(r, lines, Path(split))
     elif dataset_type == "custom":
         samples = _custom_samples(r, lines, Path(split), custom.get("image_dir"), custom.get("mask_dir"),
-                                  custom.get("image_suffix", ".jpg"), custom.get("mask_suffix", ".png"))
+                                  custom.get("image_suffix"), custom.get("mask_suffix", ".png"))
     else:
         raise DataError(f"unknown dataset type {dataset_type!r}; expected one of {DATASET_TYPES}")
     return {"missing_images": [s.image for s in samples if not os.path.isfile(s.image)],
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--no-masks", action="store_true", help="do not require masks (unlabeled lists)")
     c.add_argument("--image-dir", default=None, help="custom: image folder relative to --root")
     c.add_argument("--mask-dir", default=None, help="custom: mask folder relative to --root")
-    c.add_argument("--image-suffix", default=".jpg", help="custom: image extension (default: %(default)s)")
+    c.add_argument("--image-suffix", default=None, help="custom: image extension (default: any common one, as make detects)")
     c.add_argument("--mask-suffix", default=".png", help="custom: mask extension (default: %(default)s)")
     c.add_argument("--show", type=int, default=20, help="print at most this many missing entries per kind")
     c.set_defaults(func=_cmd_check)

@@ -2,7 +2,10 @@
 
 A file holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch` and
 `best_miou` like the release's, plus what an exact resume needs: `iteration`,
-`semi_start`, `scaler_state`, `memory_state` and one RNG snapshot per rank.
+`semi_start`, `scaler_state`, `memory_state` and one RNG snapshot per rank, `evaluated_weights`
+(which of the two models the run's evaluation used, eval.py's default), the resolved `config`,
+the logged `history` and, with several processes, each rank's own BN statistics (`rank_buffers`:
+the model states hold their mean over ranks, the model that was evaluated).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s4mc.distributed import all_gather_object
+from s4mc.distributed import all_gather_object, rank_averaged_buffers
 from s4mc.engine.state import TrainState
 from s4mc.errors import CheckpointError
 from s4mc.models.weights import check_state_dict, load_tensor_file
@@ -46,13 +49,30 @@ def restore_rng(state: TrainState, snap: dict) -> None:
         torch.cuda.set_rng_state(snap["cuda"], state.device)
 
 
-def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool) -> dict:
-    """Collect the checkpoint dict. Collective: every rank must call it (RNG gather)."""
+def _buffer_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, b in module.named_buffers() if b.is_floating_point()}
+
+
+def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool, config: dict | None = None) -> dict:
+    """Collect the checkpoint dict. Collective: every rank must call it (RNG and BN gather)."""
     rngs = all_gather_object(rng_snapshot(state))
+    student, teacher = state.student_module, state.teacher
+    rank_buffers = None
+    if state.dist.distributed:
+        rank_buffers = all_gather_object({
+            what: {k: v.detach().cpu().clone() for k, v in m.state_dict().items() if k in _buffer_names(m)}
+            for what, m in (("student", student), ("teacher", teacher))})
+    with rank_averaged_buffers(student, teacher):
+        # Clone the buffers: the averaged values are put back to each rank's own on leaving.
+        model_state = {k: v.clone() if k in _buffer_names(student) else v for k, v in student.state_dict().items()}
+        teacher_state = {k: v.clone() if k in _buffer_names(teacher) else v for k, v in teacher.state_dict().items()}
     return {
         "format_version": FORMAT_VERSION,
-        "model_state": state.student_module.state_dict(),
-        "teacher_state": state.teacher.state_dict(),
+        "model_state": model_state,
+        "teacher_state": teacher_state,
+        # What evaluate_model evaluates: the student until the semi-supervised phase begins
+        # (warm-up, supervised-only runs), the teacher after. eval.py defaults to it.
+        "evaluated_weights": "teacher" if state.semi_start is not None else "student",
         "optimizer_state": state.optimizer.state_dict(),
         "scaler_state": state.scaler.state_dict() if state.scaler is not None else None,
         "memory_state": state.memory.state_dict() if state.memory is not None else None,
@@ -62,8 +82,59 @@ def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool) -> dict:
         "semi_start": state.semi_start,
         "best_miou": state.best_miou,
         "rng_states": rngs,
+        "rank_buffers": rank_buffers,
+        "history": list(state.history),
+        "config": config,
         "world_size": state.dist.world_size,
     }
+
+
+def nonfinite_tensors(state: TrainState) -> list[str]:
+    """Names of the student's and teacher's parameters and buffers that hold NaN or inf."""
+    bad = []
+    for what, module in (("student", state.student_module), ("teacher", state.teacher)):
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{what} {name}")
+    return bad
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete half-written checkpoints that a killed save left behind (see save_atomic)."""
+    stale = sorted(folder.glob(".*.pth.tmp*")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# Keys that do not change what a run computes: where it writes, how often it logs, saves and
+# evaluates, the loader's worker count, where it stops (max_iters extends or shortens a run).
+# Every other key must match the checkpoint's on resume.
+NOT_RUN_SHAPING = ("output_dir", "config_file", "trainer.log_every", "trainer.image_every", "trainer.save_every",
+                   "trainer.eval_every", "trainer.eval_on", "trainer.max_iters", "dataset.workers",
+                   "saver.auto_resume", "evaluation")
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`key: checkpoint value -> this run's value` for every run-shaping key that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in NOT_RUN_SHAPING):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            rows.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return rows
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -110,6 +181,15 @@ def restore(state: TrainState, ckpt: dict, path: str) -> None:
     state.semi_start = ckpt.get("semi_start")
     state.best_miou = float(ckpt.get("best_miou", 0.0))
     rngs = ckpt.get("rng_states")
+    state.history = list(ckpt.get("history") or [])
+    own = ckpt.get("rank_buffers")
+    if own and len(own) == state.dist.world_size:
+        # Each rank continues from its own BN statistics, as if it had never stopped.
+        with torch.no_grad():
+            for module, what in ((state.student_module, "student"), (state.teacher, "teacher")):
+                buffers = dict(module.named_buffers())
+                for name, value in own[state.dist.rank][what].items():
+                    buffers[name].copy_(value)
     if rngs and len(rngs) == state.dist.world_size:
         restore_rng(state, rngs[state.dist.rank])
     elif rngs:

@@ -9,9 +9,11 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +21,22 @@ import torch
 
 from s4mc import __version__, method
 from s4mc.config import dump_config
-from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
+from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.run_header import build_run_header, count_images, format_run_header, record_run_header
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
-from s4mc.errors import CheckpointError, ConfigError, S4MCError
-from s4mc.logs import (MetricsLog, Progress, comparison_line, format_duration, log, log_visuals, open_writer,
-                       setup_logging, study_row)
+from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
+from s4mc.logs import (MetricsLog, Progress, attach_log_file, comparison_line, detach_log_file, format_duration, log,
+                       log_fatal_to_file, log_visuals, open_writer, setup_logging, study_row)
 from s4mc.toy_pretrain import ensure_pretrained_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class TrainingDiverged(S4MCError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss or the model became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -218,18 +221,42 @@ def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) 
     """Evaluate the teacher once the semi phase has begun, the student before (docs/method.md step 12).
 
     Returns {mode: result} for each of `training_protocols(cfg)`; the first selects best.pth.
+    With several processes and no SyncBN, the model evaluated holds the ranks' mean BN
+    statistics, the same model a checkpoint saves (see `rank_averaged_buffers`).
     """
     from s4mc.evaluation import evaluate_configured, training_protocols
 
     model = state.teacher if semi and state.semi_start is not None else state.student_module
-    return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
-                                      prior=state.prior, distributed=state.dist.distributed, mode=mode)
-            for mode in training_protocols(cfg)}
+    with rank_averaged_buffers(state.student_module, state.teacher):
+        return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
+                                          prior=state.prior, distributed=state.dist.distributed, mode=mode)
+                for mode in training_protocols(cfg)}
+
+
+def _refuse_to_overwrite(run_dir: Path, existing: list[str]) -> S4MCError:
+    return S4MCError(
+        f"{run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume auto, "
+        f"start it over with --overwrite, or give this run another --name."
+    )
+
+
+def _clear_outputs(run_dir: Path, ckpt_dir: Path) -> None:
+    """--overwrite: remove the earlier run's outputs, so nothing of it is mistaken for this run's."""
+    for path in sorted(ckpt_dir.glob("*.pth")):
+        path.unlink()
+    for name in ("results.json", "train.log", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
-          local_rank: int | None = None, argv: list[str] | None = None) -> dict:
-    """Run training as configured; returns the final evaluation as a JSON-able dict."""
+          local_rank: int | None = None, argv: list[str] | None = None, overwrite: bool = False) -> dict:
+    """Run training as configured; returns the final evaluation as a JSON-able dict.
+
+    The run directory is only written once everything is built and a resume checkpoint has
+    loaded, so a start that fails leaves no trace. Checkpoints of an earlier run are never
+    replaced unless `resume` continues that run or `overwrite` is given.
+    """
     from s4mc.data import build_train_loaders, build_val_dataset, dataset_info
     from s4mc.evaluation import build_val_loader, format_table
 
@@ -240,14 +267,14 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         # net.encoder.pretrained: toy builds its file on first use: a run of its own, so before
         # this run sets up its logging
         ensure_pretrained_encoder(cfg)
-    if dist.is_main:
-        checkpoint_dir(run_dir, cfg).mkdir(parents=True, exist_ok=True)
-    barrier()
-    setup_logging(dist.rank, run_dir / "train.log" if dist.is_main else None)
-    if dist.is_main:
-        write_run_info(run_dir, cfg, dist, argv or sys.argv)
+    ckpt_dir = checkpoint_dir(run_dir, cfg)
+    setup_logging(dist.rank)  # console; the run's train.log joins once the run has started
+    resume_path = find_resume(resume, run_dir, cfg)
+    continuing = resume_path is not None and resume_path.resolve().parent == ckpt_dir.resolve()
+    existing = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
+    if existing and not continuing and not overwrite:
+        raise _refuse_to_overwrite(run_dir, existing)
     seed_everything(cfg["seed"], dist.rank, tr["deterministic"])
-    log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
 
     sup_only = tr["mode"] == "sup"
     check_batch_norm_batch(cfg, dist)
@@ -271,14 +298,39 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                                       workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
 
     state = build_state(cfg, dist, iters_per_epoch)
-    writer = open_writer(run_dir) if dist.is_main else None
-    resume_path = find_resume(resume, run_dir, cfg)
     if resume_path is not None:
-        ckpt_io.restore(state, ckpt_io.load_training_checkpoint(resume_path), str(resume_path))
+        checkpoint = ckpt_io.load_training_checkpoint(resume_path)
+        if checkpoint.get("config") is not None:
+            differences = ckpt_io.config_differences(checkpoint["config"], cfg)
+            if differences:
+                raise ConfigError(
+                    f"--resume {resume_path}: the config differs from the checkpoint's in keys that shape "
+                    f"the run:\n  " + "\n  ".join(differences) + "\nSet them back (--opts KEY=VALUE; the run's "
+                    f"config.yaml has them all), or train a new run under another --name."
+                )
+        ckpt_io.restore(state, checkpoint, str(resume_path))
+        del checkpoint
+
+    # The start succeeded: from here on the run directory is this run's.
+    if dist.is_main:
+        if overwrite and not continuing:
+            _clear_outputs(run_dir, ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_io.remove_stale_temporaries(ckpt_dir)
+        attach_log_file(run_dir / "train.log")
+        write_run_info(run_dir, cfg, dist, argv or sys.argv)
+        for path in stale:
+            log.info("removed %s, left by a checkpoint write that did not finish", path.name)
+    barrier()
+    log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
+    if resume_path is not None:
         log.info("resumed from %s at epoch %d, iteration %d (best mIoU %.2f)",
                  resume_path, state.epoch + 1, state.iteration, 100 * state.best_miou)
     elif resume == "auto":
-        log.info("--resume auto: no checkpoint in %s yet, starting fresh", checkpoint_dir(run_dir, cfg))
+        log.info("--resume auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
+    writer = None
+    if dist.is_main:
+        writer = open_writer(run_dir, purge_step=state.iteration + 1 if resume_path is not None else None)
 
     total_iters = tr["epochs"] * iters_per_epoch
     stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
@@ -295,23 +347,48 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         record_run_header(run_dir, header)
 
     debug: dict = {}
-    history: list[dict] = []  # every logged window, for the run's mean pseudo-label diagnostics
 
     def reduce_metrics(local: dict) -> dict:
         reduced = all_reduce_mean(local)
-        history.append({k: float(v) for k, v in reduced.items()})
+        state.history.append({k: float(v) for k, v in reduced.items()})
         if os.environ.get("S4MC_DEBUG_DUMP"):
             debug["local_metrics"] = {k: float(v) for k, v in local.items()}
             debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
         return reduced
 
+    latest_iteration = state.iteration if continuing and resume_path.name == "latest.pth" else None
+
+    def kept_note() -> str:
+        if not (ckpt_dir / "latest.pth").is_file():
+            return "No checkpoint had been written yet."
+        when = f" (iteration {latest_iteration})" if latest_iteration is not None else ""
+        return f"The last good checkpoint, {ckpt_dir / 'latest.pth'}{when}, is kept."
+
     def save(filename: str, epoch: int, epoch_done: bool) -> None:
-        check_finite(state)
-        payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done)
+        nonlocal latest_iteration
+        check_finite(state, kept_note())
+        bad = ckpt_io.nonfinite_tensors(state)
+        if any_rank(bool(bad), state):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+            raise TrainingDiverged(
+                f"after iteration {state.iteration} the model holds non-finite values ({shown}) although the "
+                f"loss was finite; stopping without writing {filename}. {kept_note()}"
+            )
+        payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done, config=cfg)
         if dist.is_main:
-            ckpt_io.save_atomic(payload, checkpoint_dir(run_dir, cfg) / filename)
+            ckpt_io.save_atomic(payload, ckpt_dir / filename)
+        if filename == "latest.pth":
+            latest_iteration = state.iteration
+
+    stop = StopRequest(dist.device, dist.distributed).install()
+
+    def interrupted() -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
+            f"Continue with --resume auto.", stop.signum or signal.SIGINT)
 
     last_result = None
+    images_since_eval = False
     start_time = time.perf_counter()
     try:
         for epoch in range(state.epoch, tr["epochs"]):
@@ -321,37 +398,49 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             for loader in (main_loader, labeled_loader, partner_loader):
                 _set_epoch(loader, epoch)
             done_in_epoch = state.iteration - epoch * iters_per_epoch
+            epoch_end = (epoch + 1) * iters_per_epoch
+            evaluates = val_loader is not None and ((epoch + 1) % tr["eval_every"] == 0 or epoch == tr["epochs"] - 1)
             if sup_only:
                 batches = ((b, None, None) for b in labeled_loader)
             elif partner_loader is not None:
                 batches = zip(labeled_loader, unlabeled_loader, partner_loader)
             else:
                 batches = ((l, u, None) for l, u in zip(labeled_loader, unlabeled_loader))
-            if done_in_epoch > 0:
+            if done_in_epoch >= iters_per_epoch:
+                batches = iter(())  # stopped after the epoch's last step, before its evaluation
+            elif done_in_epoch > 0:
                 # Resuming mid-epoch: replay the epoch's data stream up to where it stopped.
                 batches = itertools.islice(batches, done_in_epoch, None)
             for labeled, unlabeled, partner in batches:
+                next_iteration = state.iteration + 1
+                before_eval = (evaluates and next_iteration == epoch_end) or (val_loader is not None and next_iteration == stop_at)
+                # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
-                    (state.iteration + 1) % tr["image_every"] == 0)
+                    next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
                 metrics = train_step(state, labeled, unlabeled, cfg, partner)
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
                     state.visuals = None
+                    images_since_eval = True
                 progress.update(metrics)
                 if progress.due(state.iteration):
-                    check_finite(state)
+                    check_finite(state, kept_note())
                     progress.emit(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration, reduce=reduce_metrics)
                 if tr["save_every"] and state.iteration % tr["save_every"] == 0:
                     save("latest.pth", epoch, epoch_done=False)
                 if state.iteration >= stop_at:
                     break
-            epoch_done = state.iteration >= (epoch + 1) * iters_per_epoch
+                if stop.agreed():
+                    save("latest.pth", epoch, epoch_done=False)
+                    raise interrupted()
+            epoch_done = state.iteration >= epoch_end
             last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= stop_at
             if val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
                 semi = not sup_only and epoch >= tr["sup_only_epoch"]
                 results = evaluate_model(state, cfg, val_loader, semi=semi)
                 (selecting, last_result), *also = results.items()
+                images_since_eval = False
                 improved = last_result.miou > state.best_miou
                 state.best_miou = max(state.best_miou, last_result.miou)
                 beside = "".join(f", {mode} {100 * r.miou:.2f}" for mode, r in also)
@@ -372,11 +461,16 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 if improved:
                     save("best.pth", epoch, epoch_done=True)
             save("latest.pth", epoch, epoch_done=epoch_done)
-    except KeyboardInterrupt:
-        log.warning("interrupted at iteration %d: saving latest.pth before exiting", state.iteration)
-        save("latest.pth", state.epoch, epoch_done=False)
+            if not last_epoch and stop.agreed():
+                raise interrupted()
+    except TrainingInterrupted as exc:
+        log_fatal_to_file(str(exc), prefix="")
+        raise
+    except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
+        log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
         raise
     finally:
+        stop.restore()
         if writer is not None:
             writer.flush()
 
@@ -387,7 +481,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
     elapsed = time.perf_counter() - start_time
     summary = {"run_dir": str(run_dir), "iterations": state.iteration, "seconds": elapsed,
-               "best_miou": state.best_miou, "diagnostics": mean_diagnostics(history)}
+               "best_miou": state.best_miou, "diagnostics": mean_diagnostics(state.history)}
     if last_result is not None:
         for mode, r in results.items():
             log.info("final evaluation (%s, %s):\n%s", mode, "teacher" if state.semi_start is not None else "student",
@@ -399,6 +493,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
+    detach_log_file()
     return summary
 
 
@@ -429,7 +524,16 @@ def check_batch_norm_batch(cfg: dict, dist: DistInfo) -> None:
         )
 
 
-def check_finite(state: TrainState) -> None:
+def any_rank(flag: bool, state: TrainState) -> bool:
+    """True on every rank when `flag` is true on any (so all ranks stop together)."""
+    if not state.dist.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=state.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_finite(state: TrainState, kept: str = "") -> None:
     """Stop the run if any step since the last check produced a non-finite loss."""
     if state.first_nonfinite is None:
         return
@@ -439,7 +543,4 @@ def check_finite(state: TrainState) -> None:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     bad = int(flag)
     if bad >= 0:
-        raise TrainingDiverged(
-            f"the loss became non-finite at iteration {bad}; stopping. The last good checkpoint "
-            f"(latest.pth / best.pth in the run's checkpoints folder) was not overwritten."
-        )
+        raise TrainingDiverged(f"the loss became non-finite at iteration {bad}; stopping. {kept}".rstrip())

@@ -31,6 +31,7 @@ class TrainState:
     iteration: int = 0  # global iteration count, across epochs
     semi_start: int | None = None  # t0 of the EMA schedule, set on the first semi-supervised step
     best_miou: float = 0.0
+    history: list = field(default_factory=list)  # every logged window's metrics, kept across resumes
     # First iteration whose loss was not finite, kept on the device so the step never
     # synchronises; the loop reads it when it logs or saves (-1 = none yet).
     first_nonfinite: torch.Tensor | None = None

@@ -210,18 +210,22 @@ def load_checkpoint(
     """Load a project/U2PL/S4MC checkpoint into ``model`` strictly (for eval or fine-tuning).
 
     ``which="teacher"`` prefers ``teacher_state`` and falls back to ``model_state`` (e.g. a
-    supervised-only checkpoint); ``which="student"`` prefers ``model_state``. A bare state dict
-    is used as is. ``module.`` prefixes from DDP are stripped. Returns
-    ``{"path", "state_key", "epoch", "best_miou"}`` (the last two ``None`` when absent).
+    supervised-only checkpoint); ``which="student"`` prefers ``model_state``; ``which="auto"``
+    takes the weights the run's own evaluation used (``evaluated_weights``, which this
+    project's checkpoints record), else the teacher. A bare state dict is used as is.
+    ``module.`` prefixes from DDP are stripped. Returns ``{"path", "state_key", "which",
+    "epoch", "best_miou"}`` (the last two ``None`` when absent).
     """
-    if which not in _STATE_KEYS:
-        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    if which not in (*_STATE_KEYS, "auto"):
+        raise ValueError(f"which must be 'auto', 'teacher' or 'student', got {which!r}")
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint file not found: {p}")
     ckpt = load_tensor_file(p, map_location)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
+    if which == "auto":
+        which = ckpt.get("evaluated_weights") if ckpt.get("evaluated_weights") in _STATE_KEYS else "teacher"
     state_key = None
     for key in _STATE_KEYS[which] + ("state_dict",):
         if isinstance(ckpt.get(key), Mapping):
@@ -243,7 +247,7 @@ def load_checkpoint(
     model.load_state_dict(sd, strict=True)
     log.info("loaded %s from %s", state_key or "state dict", p)
     epoch, best = ckpt.get("epoch"), ckpt.get("best_miou")
-    return {"path": str(p), "state_key": state_key, "epoch": None if epoch is None else int(epoch),
+    return {"path": str(p), "state_key": state_key, "which": {"teacher_state": "teacher", "model_state": "student"}.get(state_key, which), "epoch": None if epoch is None else int(epoch),
             "best_miou": None if best is None else float(best)}
 
 

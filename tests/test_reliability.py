@@ -1,0 +1,394 @@
+"""Reliability of a run (issue 20): interrupts resume exactly, evaluation does not change
+training, logged numbers are reproduced by eval.py, no run is overwritten or silently changed,
+and a non-finite model is never saved. Tiny toy runs on the CPU, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from s4mc import cli
+from s4mc.config import dump_config, load_config
+from s4mc.engine import loop as loop_mod
+from s4mc.engine.interrupt import TrainingInterrupted
+from s4mc.engine.step import train_step
+from s4mc.errors import ConfigError, DataError, S4MCError
+
+REPO = Path(__file__).resolve().parents[1]
+# 16 unlabeled toy images at batch 4: 4 iterations an epoch, 8 in all, evaluated after each epoch.
+SHORT = {"dataset.batch_size": 4, "trainer.epochs": 2, "trainer.eval_every": 1, "trainer.log_every": 2}
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    for key in ("model_state", "teacher_state"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key} {name}"
+    for sa, sb in zip(a["optimizer_state"]["state"].values(), b["optimizer_state"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def reference(toy_root, tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    from conftest import make_toy_cfg
+
+    out = tmp_path_factory.mktemp("reference")
+    cfg = make_toy_cfg(toy_root, out, **SHORT)
+    summary = loop_mod.train(cfg, name="ref")
+    return {"cfg": cfg, "summary": summary, "run": out / "ref", "latest": load(out / "ref" / "checkpoints" / "latest.pth")}
+
+
+def test_evaluation_does_not_change_training(reference, toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.eval_on": False})
+    loop_mod.train(cfg, name="noeval")
+    assert_same_model(reference["latest"], load(tmp_path / "noeval" / "checkpoints" / "latest.pth"))
+
+
+def test_tensorboard_has_an_image_row_per_evaluation(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference["run"] / "tensorboard"))
+    events.Reload()
+    assert reference["cfg"]["trainer"]["image_every"] > 8  # the default, longer than this run
+    (tag,) = events.Tags()["images"]
+    assert [e.step for e in events.Images(tag)] == [4, 8]  # the steps before the two evaluations
+
+
+@pytest.mark.parametrize("during", ["a step", "evaluation"])
+def test_signal_at_a_random_moment_then_resume_equals_the_uninterrupted_run(
+        during, reference, toy_root, toy_cfg, tmp_path, monkeypatch):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+    where = rng.choice(["before a step", "after a step"]) if during == "a step" else "during evaluation"
+    at = rng.randrange(1, 8)  # the step it arrives in (a signal in the last one would find the run done)
+    calls = {"step": 0}
+    real_step, real_eval = loop_mod.train_step, loop_mod.evaluate_model
+
+    def step(*args, **kwargs):
+        calls["step"] += 1
+        if where == "before a step" and calls["step"] == at:
+            os.kill(os.getpid(), sig)
+        metrics = real_step(*args, **kwargs)
+        if where == "after a step" and calls["step"] == at:
+            os.kill(os.getpid(), sig)
+        return metrics
+
+    def evaluate(state, *args, **kwargs):
+        if where == "during evaluation" and state.iteration == 4:
+            os.kill(os.getpid(), sig)
+        return real_eval(state, *args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "train_step", step)
+    monkeypatch.setattr(loop_mod, "evaluate_model", evaluate)
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT)
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name}.*--resume auto") as info:
+        loop_mod.train(cfg, name="run")
+    assert info.value.signum == sig
+    stopped = load(tmp_path / "run" / "checkpoints" / "latest.pth")
+    # It stops at the boundary that follows the signal: within the step it arrived in, or after it.
+    expected = {"before a step": at, "after a step": at, "during evaluation": 4}[where]
+    assert stopped["iteration"] == expected, f"{where}, step {at}, {sig.name} (random seed {seed})"
+    monkeypatch.undo()
+    summary = loop_mod.train(cfg, name="run", resume="auto")
+    final = load(tmp_path / "run" / "checkpoints" / "latest.pth")
+    assert_same_model(reference["latest"], final)
+    assert final["best_miou"] == reference["latest"]["best_miou"]
+    # The summary covers the whole run, not only the part after the resume.
+    assert len(final["history"]) == len(reference["latest"]["history"]) == 4
+    assert summary["diagnostics"].keys() == reference["summary"]["diagnostics"].keys()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()  # purge_step: what the stopped run logged after its checkpoint is not shown twice
+    assert [e.step for e in events.Scalars("val/mIoU")] == [4, 8]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_a_terminal_with_loader_workers(reference, tmp_path):
+    """SIGINT to the whole process group (main process and DataLoader workers), as a terminal's
+    Ctrl-C sends it; then the README's command again refuses, and --resume auto finishes the run."""
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], workers=1)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    args = ["--config", str(config), "--name", "run", "--device", "cpu"]
+    # The reference's thread count: a different one may round the convolutions differently.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_semi.py"), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if " iter 2/" in line:
+            time.sleep(random.uniform(0, 0.3))
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGINT" in err and "--resume auto" in err and "Traceback" not in err, err[-2000:]
+    stopped = load(tmp_path / "run" / "checkpoints" / "latest.pth")
+    assert 2 <= stopped["iteration"] < 8
+
+    assert cli.train_main(args) == 2  # the same command again must not start over
+    assert cli.train_main([*args, "--resume", "auto"]) == 0
+    assert_same_model(reference["latest"], load(tmp_path / "run" / "checkpoints" / "latest.pth"))
+
+
+def test_second_start_refuses_and_failed_starts_leave_no_trace(toy_root, toy_cfg, tmp_path, capsys):
+    bad = toy_cfg(toy_root, tmp_path, **{"dataset.val.data_list": str(toy_root / "splits" / "nope.txt")})
+    with pytest.raises(DataError):
+        loop_mod.train(bad, name="failed")
+    assert not (tmp_path / "failed").exists()
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.eval_on": False})
+    loop_mod.train(cfg, name="run")
+    run = tmp_path / "run"
+    first = load(run / "checkpoints" / "latest.pth")
+    written = (run / "config.yaml").read_text()
+    with pytest.raises(S4MCError, match=r"--resume auto.*--overwrite"):
+        loop_mod.train(cfg, name="run")
+    # A resume whose config changes a key that shapes the run is refused, with the change listed.
+    (run / "checkpoints" / ".latest.pth.tmp999").write_bytes(b"half a checkpoint")
+    changed = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.eval_on": False,
+                                             "trainer.optimizer.kwargs.lr": 1.0})
+    with pytest.raises(ConfigError, match=r"trainer\.optimizer\.kwargs\.lr: 0\.01 -> 1\.0"):
+        loop_mod.train(changed, name="run", resume="auto")
+    assert (run / "config.yaml").read_text() == written
+    assert load(run / "checkpoints" / "latest.pth")["iteration"] == first["iteration"] == 2
+    # The same config with a later stop resumes, and the stale temporary file goes.
+    longer = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.eval_on": False})
+    loop_mod.train(longer, name="run", resume="auto")
+    assert load(run / "checkpoints" / "latest.pth")["iteration"] == 3
+    assert not list((run / "checkpoints").glob(".*tmp*"))
+    assert "removed .latest.pth.tmp999" in (run / "train.log").read_text()
+    loop_mod.train(cfg, name="run", overwrite=True)
+    assert load(run / "checkpoints" / "latest.pth")["iteration"] == 2
+
+
+@pytest.mark.parametrize("mode", ["semi", "warm-up", "supervised only"])
+def test_eval_py_reproduces_the_logged_best_miou(mode, toy_root, toy_cfg, tmp_path, capsys):
+    extra = {"semi": {}, "warm-up": {"trainer.sup_only_epoch": 1}, "supervised only": {"trainer.mode": "sup"}}[mode]
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.epochs": 1}, **extra)
+    summary = loop_mod.train(cfg, name="run")
+    best = load(tmp_path / "run" / "checkpoints" / "best.pth")
+    assert best["evaluated_weights"] == ("teacher" if mode == "semi" else "student")
+    assert best["best_miou"] == summary["best_miou"] > 0
+    out = tmp_path / "eval.json"
+    assert cli.eval_main(["--config", str(tmp_path / "run" / "config.yaml"), "--checkpoint",
+                          str(tmp_path / "run" / "checkpoints" / "best.pth"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["weights"] == best["evaluated_weights"]
+    assert result["miou"] == summary["best_miou"]
+
+
+def test_a_non_finite_model_is_never_saved(toy_root, toy_cfg, tmp_path, monkeypatch, capsys):
+    """An update that overflows a BN statistic with a finite loss: the run stops, latest.pth
+    stays the last finite one, and the message (also in train.log, once) says so."""
+    calls = {"n": 0}
+
+    def overflowing(state, *args, **kwargs):
+        metrics = train_step(state, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            bn = next(m for m in state.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+        return metrics
+
+    monkeypatch.setattr(loop_mod, "train_step", overflowing)
+    config = tmp_path / "config.yaml"
+    dump_config(toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 2}), config)
+    assert cli.train_main(["--config", str(config), "--name", "inf"]) == 3
+    err = capsys.readouterr().err
+    assert "teacher" in err and "running_var" in err and "iteration 2" in err and "is kept" in err
+    ckpt = load(tmp_path / "inf" / "checkpoints" / "latest.pth")
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher_state"].values() if v.is_floating_point())
+    assert (tmp_path / "inf" / "train.log").read_text().count("non-finite values") == 1
+
+    calls["n"] = 0  # the same before any checkpoint exists: no claim that one was kept
+    with pytest.raises(loop_mod.TrainingDiverged, match="No checkpoint had been written yet"):
+        loop_mod.train(toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False}), name="inf2")
+
+
+def test_scientific_notation_and_override_errors():
+    cfg = load_config(REPO / "experiments" / "toy" / "config.yaml", ["trainer.optimizer.kwargs.lr=2e-2",
+                                                                      "trainer.epochs=1e1"])
+    assert cfg["trainer"]["optimizer"]["kwargs"]["lr"] == 0.02 and cfg["trainer"]["epochs"] == 10
+    with pytest.raises(ConfigError, match=r"override 'trainer.epochs=ten'"):
+        load_config(REPO / "experiments" / "toy" / "config.yaml", ["trainer.epochs=ten"])
+
+
+def test_worker_errors_print_one_clean_line(toy_root, toy_cfg, tmp_path, capsys):
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    from s4mc.data import build_val_dataset
+
+    shutil.copytree(toy_root, tmp_path / "toy")
+    first = (tmp_path / "toy" / "splits" / "val.txt").read_text().split()[0]
+    image = next((tmp_path / "toy").rglob(f"{first}.png"))
+    image.write_bytes(image.read_bytes()[:40])  # a truncated image
+    loader = DataLoader(build_val_dataset(toy_cfg(tmp_path / "toy", tmp_path)), num_workers=1, batch_size=1)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    assert "Original Traceback" in str(info.value)  # torch's worker traceback, as it arrives
+    cli._report(info.value)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(image) in err and "Traceback" not in err
+
+
+def test_toy_data_root_is_generated_only_in_a_toy_folder(toy_cfg, tmp_path):
+    from s4mc.data import build_val_dataset
+
+    cfg = toy_cfg(tmp_path / "toyy", tmp_path)
+    with pytest.raises(DataError, match=r"dataset.val.data_root: .*toyy does not exist.*python -m s4mc.data.toy"):
+        build_val_dataset(cfg)
+    assert not (tmp_path / "toyy").exists()
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "s4mc.data.toy", "--help"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and "RuntimeWarning" not in proc.stderr
+
+
+def test_priors_cli_takes_the_neighbourhood_from_the_config(toy_root, toy_cfg, tmp_path):
+    from s4mc.data import priors
+
+    config = tmp_path / "config.yaml"
+    dump_config(toy_cfg(toy_root, tmp_path), config)  # neighborhood_size: 8
+    assert priors.main(["--config", str(config), "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["neighbors"] == 8
+
+
+def test_custom_image_suffix_is_detected_as_splits_make_detects_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from s4mc.data.datasets import build_samples
+    from s4mc.data.splits import make_split
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / f"im{i}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / f"im{i}.png")
+    make_split(tmp_path, num_labeled=2, image_dir="images", mask_dir="masks", out_dir=tmp_path / "splits")
+    samples = build_samples("custom", tmp_path, tmp_path / "splits" / "labeled.txt", require_masks=True,
+                            image_dir="images", mask_dir="masks")
+    assert len(samples) == 2 and all(s.image.endswith(".png") for s in samples)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_two_processes_log_what_eval_py_reproduces_and_resume_exactly_after_sigkill(reference, tmp_path, capsys):
+    """gloo, no SyncBN: the ranks' BN statistics differ, the logged mIoU is the checkpoint's,
+    and a run SIGKILLed after a checkpoint resumes to the uninterrupted run's final state."""
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], batch_size=2)  # 2 ranks x 2: the same 4 iterations an epoch
+    cfg["trainer"] = dict(cfg["trainer"], save_every=1)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def launch(name, *extra, **popen):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(REPO / "train_semi.py"), "--config", str(config), "--name", name, "--device", "cpu", *extra]
+        return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, **popen)
+
+    straight = launch("straight")  # runs meanwhile; its few log lines fit the pipe's buffer
+    killed = launch("killed")
+    latest = tmp_path / "killed" / "checkpoints" / "latest.pth"
+    deadline = time.time() + 300
+    while killed.poll() is None and not (latest.is_file() and load(latest)["iteration"] >= 3):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    # torchrun starts each worker in its own session: kill the workers, then the launcher.
+    for pid in [*_children(killed.pid), killed.pid]:
+        os.kill(pid, signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert load(latest)["iteration"] < 8
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out[-3000:]
+    resumed = launch("killed", "--resume", "auto")
+    out2 = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out2[-3000:]
+
+    run = tmp_path / "straight"
+    final = load(run / "checkpoints" / "latest.pth")
+    teacher_bn = [k for k in final["rank_buffers"][0]["teacher"] if k.endswith("running_var")]
+    assert any(not torch.equal(final["rank_buffers"][0]["teacher"][k], final["rank_buffers"][1]["teacher"][k])
+               for k in teacher_bn)  # without averaging, the ranks would hold different models
+    assert_same_model(final, load(latest))
+    for rank in (0, 1):
+        for what in ("student", "teacher"):
+            for k, v in final["rank_buffers"][rank][what].items():
+                assert torch.equal(v, load(latest)["rank_buffers"][rank][what][k])
+    logged = json.loads((run / "results.json").read_text())["final"]["miou"]
+    out = tmp_path / "eval.json"
+    assert cli.eval_main(["--config", str(run / "config.yaml"), "--checkpoint",
+                          str(run / "checkpoints" / "latest.pth"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["miou"] == logged
+
+
+def _agree_worker(rank: int, port: int, signal_at: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from s4mc.engine.interrupt import StopRequest
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    stop = StopRequest(torch.device("cpu"), distributed=True)
+    boundary = 0
+    while boundary < 50:
+        boundary += 1
+        if rank == 1 and boundary == signal_at:
+            stop.signum = signal.SIGTERM  # what the handler sets, on one rank only
+        time.sleep(0.01 * rank)  # the ranks reach each boundary at different times
+        if stop.agreed():
+            break
+    stop.restore()
+    Path(out_dir, f"rank{rank}").write_text(str(boundary))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_stop_boundary(tmp_path):
+    """A signal that reaches one rank only stops both after the same iteration, one boundary later."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(_free_port(), 3, str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "4"
