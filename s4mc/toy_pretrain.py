@@ -40,7 +40,8 @@ RECIPE = {
     "pool_images": 800,
     "epochs": 10,  # 100 iterations each at batch 8
     "overrides": [
-        "trainer.mode=sup", "trainer.sup_epoch_length=labeled", "trainer.eval_every=10", "trainer.image_every=0",
+        "trainer.mode=sup", "trainer.sup_only_epoch=0", "trainer.sup_epoch_length=labeled", "trainer.eval_every=10",
+        "trainer.image_every=0",
         "net.encoder.pretrained=null", "evaluation.compare_with=null",
     ],
 }
