@@ -184,7 +184,7 @@ def load_for_eval(args, overrides: list[str]):
     model.to(dist.device).eval()
     unsup = cfg["trainer"]["unsupervised"]
     prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
-    return cfg, dist, log, info, model, prior
+    return cfg, dist, log, info, model, prior, weights
 
 
 def run_eval(args, overrides: list[str]):
@@ -195,7 +195,7 @@ def run_eval(args, overrides: list[str]):
     from s4mc.engine.loop import resolve_amp
     from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
 
-    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
+    cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
     dataset = build_val_dataset(cfg)
     workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
     loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
@@ -238,11 +238,11 @@ def run_predict(args, overrides: list[str]):
     from s4mc.evaluation import configured_inference
     from s4mc.predict import predict_folder
 
-    cfg, dist, log, info, model, prior = load_for_eval(args, overrides)
+    cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
     ev = cfg["evaluation"]
     if ev["mode"] == "center_crop":
         log.info("evaluation.mode center_crop: predicting whole images (the crop only serves U2PL's scoring)")
-    log.info("predicting %s with %s (%s weights): %s, scales %s%s%s", args.images, args.checkpoint, args.weights,
+    log.info("predicting %s with %s (%s weights): %s, scales %s%s%s", args.images, args.checkpoint, weights,
              ev["mode"], ev["scales"], ", flip" if ev["flip"] else "", ", refined" if ev["refine"] else "")
     infer = configured_inference(model, cfg, device=dist.device, prior=prior,
                                  amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device))
@@ -253,7 +253,7 @@ def run_predict(args, overrides: list[str]):
     if dist.is_main:
         print(summary.format(args.save_dir))
         if args.json:
-            payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": args.weights,
+            payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": weights,
                        "images": str(args.images), "save_dir": str(args.save_dir), **summary.to_json()}
             Path(args.json).write_text(json.dumps(payload, indent=2))
     return summary

@@ -562,7 +562,8 @@ def test_toy_autocreated_by_loaders(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         L = build_train_loaders(cfg)
     assert (root / "splits" / "val.txt").is_file() and "toy dataset" in caplog.text
-    assert len(L.labeled.dataset) == len(L.unlabeled.dataset) == 380
+    # the default toy: 400 training images, 15 of them labeled; the labeled list is repeated to the unlabeled's
+    assert len(L.labeled.dataset) == len(L.unlabeled.dataset) == 385
     b = next(iter(L.unlabeled))
     assert b["image"].shape == (2, 3, 48, 48) and int(b["label"][b["label"] != 255].max()) < 6
     v = build_val_dataset(cfg)

@@ -231,8 +231,11 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     for split in ("train", "val"):
         data["dataset"][split]["data_root"] = str(toy_root)
     data["dataset"]["train"]["data_list"] = str(toy_root / "splits" / "labeled.txt")
+    data["dataset"]["train"]["unlabeled_list"] = str(toy_root / "splits" / "train_all.txt")
     data["dataset"]["val"]["data_list"] = str(toy_root / "splits" / "val.txt")
     data["dataset"]["train"]["crop"]["size"] = [40, 40]
+    data["net"]["encoder"]["pretrained"] = None  # the shipped toy encoder is width 16
+    data["evaluation"]["compare_with"] = None
     data["trainer"].update({"epochs": 1, "sup_only_epoch": 0, "max_iters": 3, "log_every": 1})
     data["net"]["encoder"]["kwargs"]["width"] = 8
     cfg_path.write_text(yaml.safe_dump(data))
