@@ -1,6 +1,7 @@
 """Shared test set-up: `gpu`-marked tests skip on machines without CUDA."""
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a test's torchrun / gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -309,17 +309,13 @@ def _dist_worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_gloo_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "rank0.pt"
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
 
     single = evaluate(PixelLinear(4, seed=3), loader(_dist_items()), num_classes=4, refine=lambda p: p.flip(1))

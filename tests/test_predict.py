@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 from s4mc.cli import eval_main
@@ -144,10 +144,6 @@ def test_eval_images_needs_save_dir(toy_checkpoint, tmp_path, capsys):
     assert "--images needs --save-dir" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -157,7 +153,7 @@ def test_eval_images_under_torchrun_writes_every_image_once(tmp_path, toy_checkp
     sizes = make_folder(images)
     out, result = tmp_path / "preds", tmp_path / "predictions.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "eval.py"), "--config", str(cfg_path), "--checkpoint", str(ckpt), "--images", str(images),
            "--save-dir", str(out), "--json", str(result), "--workers", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from s4mc import cli
 from s4mc.config import dump_config, load_config
@@ -292,14 +293,6 @@ def test_custom_image_suffix_is_detected_as_splits_make_detects_it(tmp_path):
     assert len(samples) == 2 and all(s.image.endswith(".png") for s in samples)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -325,7 +318,7 @@ def test_two_processes_log_what_eval_py_reproduces_and_resume_exactly_after_sigk
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
     def launch(name, *extra, **popen):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(REPO / "train_semi.py"), "--config", str(config), "--name", name, "--device", "cpu", *extra]
         return subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, **popen)
@@ -390,5 +383,5 @@ def test_ranks_agree_on_the_stop_boundary(tmp_path):
     """A signal that reaches one rank only stops both after the same iteration, one boundary later."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_agree_worker, args=(_free_port(), 3, str(tmp_path)), nprocs=2)
+    mp.spawn(_agree_worker, args=(free_port(), 3, str(tmp_path)), nprocs=2)
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "4"

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 import yaml
 
 from s4mc.config import load_config
@@ -214,10 +214,6 @@ def test_release_config_keys_load(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == 64_459_989
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -240,7 +236,7 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     data["net"]["encoder"]["kwargs"]["width"] = 8
     cfg_path.write_text(yaml.safe_dump(data))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), S4MC_DEBUG_DUMP="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "train_semi.py"), "--config", str(cfg_path), "--name", "ddp", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
