@@ -267,6 +267,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         # net.encoder.pretrained: toy builds its file on first use: a run of its own, so before
         # this run sets up its logging
         ensure_pretrained_encoder(cfg)
+    barrier()  # the other ranks load that file when they build the model
     ckpt_dir = checkpoint_dir(run_dir, cfg)
     setup_logging(dist.rank)  # console; the run's train.log joins once the run has started
     resume_path = find_resume(resume, run_dir, cfg)
