@@ -556,14 +556,42 @@ def test_toy_deterministic(tmp_path):
         generate_toy(a, seed=4, **kw)
 
 
+def test_toy_labeled_style_changes_only_the_labeled_images(tmp_path):
+    from dataclasses import replace
+
+    from s4mc.data.toy import TARGET
+    kw = dict(seed=2, num_train=8, num_labeled=3, num_val=2, size=48)
+    plain = generate_toy(tmp_path / "plain", **kw)
+    clean = replace(TARGET, noise=(0.0, 0.5), illumination=0.0)
+    shifted = generate_toy(tmp_path / "shifted", labeled_style=clean, **kw)
+    labeled = set(read_split(plain / "splits/labeled.txt"))
+    assert labeled == set(read_split(shifted / "splits/labeled.txt"))
+    for name in read_split(plain / "splits/train_all.txt") + read_split(plain / "splits/val.txt"):
+        same = (plain / f"JPEGImages/{name}.png").read_bytes() == (shifted / f"JPEGImages/{name}.png").read_bytes()
+        assert same == (name not in labeled), name
+        # the scene itself (shapes, labels) does not depend on the style's photometric knobs
+        assert (plain / f"SegmentationClass/{name}.png").read_bytes() == \
+            (shifted / f"SegmentationClass/{name}.png").read_bytes()
+
+
+def test_toy_from_an_older_generator_is_refused(tmp_path):
+    from s4mc.data.toy import ensure_toy
+    root = generate_toy(tmp_path / "toy", num_train=6, num_labeled=2, num_val=2, size=32)
+    assert ensure_toy(root) == root  # the current version passes untouched
+    (root / "toy.json").unlink()     # what a folder written before toy.json existed looks like
+    with pytest.raises(DataError, match=r"older generator.*--overwrite") as err:
+        ensure_toy(root)
+    assert str(root) in str(err.value)
+
+
 def test_toy_autocreated_by_loaders(tmp_path, caplog):
     root = tmp_path / "toy"
     cfg = _cfg("toy", root, num_classes=6, crop=48)
     with caplog.at_level(logging.WARNING):
         L = build_train_loaders(cfg)
     assert (root / "splits" / "val.txt").is_file() and "toy dataset" in caplog.text
-    # the default toy: 400 training images, 15 of them labeled; the labeled list is repeated to the unlabeled's
-    assert len(L.labeled.dataset) == len(L.unlabeled.dataset) == 385
+    # the default toy: 400 training images, 40 of them labeled; the labeled list is repeated to the unlabeled's
+    assert len(L.labeled.dataset) == len(L.unlabeled.dataset) == 360
     b = next(iter(L.unlabeled))
     assert b["image"].shape == (2, 3, 48, 48) and int(b["label"][b["label"] != 255].max()) < 6
     v = build_val_dataset(cfg)
