@@ -6,17 +6,24 @@ Scenes are a textured background with 2-6 overlapping shapes (circle, rectangle,
 triangle, blob, ring), drawn back to front so later shapes occlude earlier ones;
 the label is the class of the front-most shape at each pixel, so it is spatially
 coherent. Colour and texture are strong but imperfect cues: each class uses "its"
-colour pool and texture with probability 0.9 (`ToyStyle.class_pref`) and a random one
-otherwise, and the background draws from the same pools, so the off-colour objects
-need shape (circle vs blob vs ring) and context, which takes more than a handful of
-labeled images. Pixel noise, an illumination gradient and a slight blur keep the edges
-from being trivial. `PRETRAIN` is the style of the separate pretraining pool.
+colour pool and texture with probability 0.97 (`ToyStyle.class_pref`) and a random one
+otherwise, and the background draws from the same pools. Pixel noise, an illumination
+gradient and a blur keep the edges from being trivial.
+
+The labeled split is drawn under cleaner conditions (`LABELED`: little noise, even light,
+slight blur) than the unlabeled pool and the validation images (`TARGET`), so labels cover
+only part of the variation the unlabeled images show: the regime in which self-training has
+something to teach (docs/method.md, "The toy study"; benchmarks/toy_shift.py measures what
+the shift costs a supervised model). `PRETRAIN` is the style of the separate pretraining pool.
+`toy.json` records the generator version and settings; a folder from an older generator is
+refused rather than silently mixed with numbers from the current one.
 
 Layout (VOC-like, read by dataset.type "toy"):
     JPEGImages/<id>.png          RGB (PNG so the bytes are identical across libjpeg builds)
     SegmentationClass/<id>.png   palette PNG, index = class
     splits/labeled.txt, splits/unlabeled.txt, splits/val.txt,
     splits/train_all.txt (labeled + unlabeled: the all-labels row, and the toy's unlabeled pool)
+    toy.json                     generator version, seed, sizes and styles
 
 Each image comes from its own generator seeded by (seed, split, index), so the
 output is deterministic and independent of generation order.
