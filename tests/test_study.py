@@ -196,3 +196,29 @@ def test_toy_config_compares_with_the_shipped_study():
     assert set(study["variants"]) >= {"supervised", "supervised_all", "cutmix_seg", "s4mc"}
     assert all(len(row["miou"]) == len(study["seeds"]) for row in study["variants"].values())
     assert cfg["net"]["encoder"]["pretrained"] == "toy" and (REPO / "data" / "toy_pretrain" / "encoder.pth").is_file()
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shift_and_refinement_tools_on_a_tiny_run(toy_root, toy_cfg, tmp_path, capsys):
+    loop.train(toy_cfg(toy_root, tmp_path, **{"trainer.epochs": 1, "trainer.mode": "sup"}), name="r")
+    run = tmp_path / "r"
+    assert _benchmark("toy_shift").main([str(run), "--data-root", str(toy_root), "--json", str(tmp_path / "s.json")]) == 0
+    shift = json.loads((tmp_path / "s.json").read_text())["r"]
+    assert set(shift) == {"unlabeled_pool", "val", "val_clean"}
+    assert all(0 <= v["miou"] <= 100 and 0 <= v["pixel_acc"] <= 100 for v in shift.values())
+    capsys.readouterr()
+    assert _benchmark("refine_effect").main([str(run), "--images", "3", "--keep", "60", "80"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("margin", "confidence"))]
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        kept_raw, kept = float(row[4]), float(row[6])
+        assert kept_raw == pytest.approx(float(row[2]), abs=0.5)  # gamma is the unrefined percentile
+        if row[0] == "confidence":
+            # refinement can only raise the top class's probability, so nothing is dropped
+            assert kept >= kept_raw and float(row[-1]) == 0.0
