@@ -69,6 +69,13 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert lines["target"] == ("75.41 mIoU (S4MC paper (arXiv 2308.13900), PASCAL VOC classic table, "
                                "S4MC + CutMix-Seg, 366 labels)")
     assert "mixing cutmix" in lines["method"] and "refinement on (4-neighbourhood" in lines["method"]
+    # 2 + 2 on one process is not the recipe's 16 + 16 and nothing scales the LR: one warning,
+    # with both numbers and both fixes, after the block.
+    warnings = [line for line in out.splitlines() if "differs from the recipe's" in line]
+    assert len(warnings) == 1
+    assert "global batch 2 + 2" in warnings[0] and "recipe's 16 + 16" in warnings[0]
+    assert "trainer.accumulate" in warnings[0] and "trainer.lr_scaling: linear" in warnings[0]
+    assert out.index("run protocol:") < out.index(warnings[0])
 
     env = json.loads((tmp_path / "runs" / "voc" / "environment.json").read_text())
     assert "git_commit" in env  # the header is added to the run info, not written instead of it
@@ -81,6 +88,7 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert facts["schedule"]["optimizer_steps_total"] == 1
     assert facts["evaluation"][0]["mode"] == "whole" and facts["evaluation"][0]["selects_best"]
     assert facts["target"]["published_miou"] == 75.41
+    assert facts["batch"]["warning"] in warnings[0]
     assert format_run_header(facts) in block  # the stored facts give back the logged block
 
 
@@ -101,6 +109,40 @@ def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, 
     assert "sliding window 24×24, single scale, flip" in text
     assert "amp bfloat16, channels_last on, compile off" in text
     assert "no published number (recipe.published_miou not set in the config)" in text
+
+
+def test_header_without_loaders_counts_the_split_files(tmp_path):
+    """The header needs no images: without loaded datasets it counts the split lists, and
+    without those it says the count is the config's own dataset.n_sup."""
+    splits = tmp_path / "splits" / "366"
+    splits.mkdir(parents=True)
+    (splits / "labeled.txt").write_text("# a comment line\n" + "".join(f"img{i}\n" for i in range(366)))
+    (splits / "unlabeled.txt").write_text("".join(f"u{i} u{i}.png\n" for i in range(10216)) + "\n\n")
+    cfg = load_config(REPO / "experiments/pascal/366/config.yaml",
+                      [f"dataset.train.data_list={splits / 'labeled.txt'}", "dataset.batch_size=4",
+                       "net.encoder.pretrained=null"])
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "initial_lr": 0.001, "name": "backbone"},
+                                 {"params": [torch.zeros(1)], "initial_lr": 0.01, "name": "head"}], lr=0.001)
+    facts = build_run_header(cfg, world_size=4, optimizer=optimizer, iters_per_epoch=638, labeled_images=None,
+                             unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
+    text = format_run_header(facts)
+    assert "VOC classic, 366 labeled / 10,216 unlabeled (split files)" in text
+    # 4 per process × 4 processes = the recipe's 16 + 16: no warning, no DIFFERS.
+    assert "= global 16 + 16; recipe 16 + 16\n" in text
+    assert facts["batch"]["warning"] is None
+
+    (splits / "labeled.txt").unlink()
+    cfg["dataset"]["train"]["unlabeled_list"] = None
+    facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=2554, labeled_images=None,
+                             unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
+    assert ("VOC classic, 366 labeled / 10,216 unlabeled (split files; labeled from dataset.n_sup, its split "
+            "file not found)") in format_run_header(facts)
+    assert "4 + 4" in facts["batch"]["warning"] and "16 + 16" in facts["batch"]["warning"]
+    # Linear LR scaling is the other accepted answer to a smaller batch: then no warning.
+    cfg["trainer"]["lr_scaling"] = "linear"
+    assert build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=2554, labeled_images=366,
+                            unlabeled_images=10216, val_images=None, amp_dtype=None,
+                            channels_last=False)["batch"]["warning"] is None
 
 
 def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):

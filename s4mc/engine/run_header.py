@@ -10,6 +10,7 @@ and stores the same facts under "protocol" in the run's environment.json.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,29 @@ def count_images(loader) -> int | None:
     while hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return len(dataset)
+
+
+def count_list_file(path) -> int | None:
+    """Entries of a split list (non-empty, non-comment lines), or None when it cannot be read:
+    the count the loaders would load, for a header built before (or without) them."""
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def _unlabeled_list(ds: dict) -> str | None:
+    """dataset.train.unlabeled_list, or the release's implied unlabeled.txt beside labeled.txt."""
+    listed = ds["train"].get("unlabeled_list")
+    if listed:
+        return listed
+    labeled = ds["train"].get("data_list")
+    if labeled and Path(labeled).name == "labeled.txt":
+        return str(Path(labeled).with_name("unlabeled.txt"))
+    return None
 
 
 def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
@@ -50,13 +74,27 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
         total_steps = min(total_steps, tr["max_iters"] // accumulate)
     unsup = tr["unsupervised"]
     ev = cfg["evaluation"]
-    return {
+    # Counts: the loaded datasets when the caller has them; else the split files; else the
+    # config's own statement (dataset.n_sup). The header says which, since only the first
+    # two are facts about the data on disk.
+    counted_from = "split lists as loaded"
+    if labeled_images is None:
+        labeled_images = count_list_file(ds["train"].get("data_list"))
+        if not sup_only:
+            unlabeled_images = count_list_file(_unlabeled_list(ds))
+        counted_from = "split files"
+        if labeled_images is None:
+            labeled_images = ds["n_sup"]
+            counted_from = ("labeled from dataset.n_sup, its split file not found" if unlabeled_images is None
+                            else "split files; labeled from dataset.n_sup, its split file not found")
+    facts = {
         "dataset": {
             "name": recipe["dataset"] or DATASET_NAMES.get(ds["type"], ds["type"]),
             "type": ds["type"],
             "labeled_images": labeled_images,
             "unlabeled_images": None if sup_only else unlabeled_images,
             "val_images": val_images,
+            "counted_from": counted_from,
             "n_sup": ds["n_sup"],
             "labeled_list": ds["train"]["data_list"],
             "unlabeled_list": None if sup_only else ds["train"]["unlabeled_list"],
@@ -109,6 +147,26 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
         },
         "target": {"published_miou": recipe["published_miou"], "source": recipe["source"]},
     }
+    facts["batch"]["warning"] = batch_warning(facts)
+    return facts
+
+
+def batch_warning(facts: dict) -> str | None:
+    """One line when the run's global batch is not the recipe's and nothing compensates
+    (trainer.lr_scaling none): the most common reason a run lands below the published mIoU."""
+    b, recipe = facts["batch"], facts["batch"]["recipe_global"]
+    if recipe.get("labeled") is None or facts["lr"]["scaling"] == "linear":
+        return None
+    run = b["global"]
+    wanted = {"labeled": recipe["labeled"],
+              "unlabeled": 0 if facts["method"]["mode"] == "sup" else recipe["unlabeled"]}
+    if run == wanted:
+        return None
+    per = b["per_process"]["labeled"]
+    return (f"global batch {_batch_text(run)} ({per} per process × {b['world_size']} process(es) × accumulate "
+            f"{b['accumulate']}) differs from the recipe's {_batch_text(wanted)}, and trainer.lr_scaling is "
+            f"none; to match the recipe set trainer.accumulate so that processes × dataset.batch_size × "
+            f"accumulate = {wanted['labeled']}, or set trainer.lr_scaling: linear to scale the LR to this batch")
 
 
 def _crop(size) -> list[int]:
@@ -129,7 +187,7 @@ def format_run_header(facts: dict) -> str:
     data = f"{d['name']}, {_count(d['labeled_images'])} labeled"
     if d["unlabeled_images"] is not None:
         data += f" / {_count(d['unlabeled_images'])} unlabeled"
-    data += " (split lists as loaded)"
+    data += f" ({d.get('counted_from', 'split lists as loaded')})"
     if d["val_images"] is not None:
         data += f", {d['val_images']:,} val images"
     if d["n_sup"] is not None and d["labeled_images"] is not None and d["n_sup"] != d["labeled_images"]:
@@ -186,6 +244,17 @@ def format_run_header(facts: dict) -> str:
     rows = [("dataset", data), ("batch", batch), ("lr", lr_text), ("schedule", sched), ("method", method),
             ("evaluation", evaluation), ("precision", precision), ("target", target)]
     return "run protocol:\n" + "\n".join(f"  {name:<12}{text}" for name, text in rows)
+
+
+def announce_run_header(facts: dict, run_dir: str | Path | None = None,
+                        logger: logging.Logger | None = None) -> None:
+    """The start of a run (rank 0 only): the header block, the batch warning, environment.json."""
+    logger = logger or logging.getLogger("s4mc")
+    logger.info("%s", format_run_header(facts))
+    if facts["batch"].get("warning"):
+        logger.warning("%s", facts["batch"]["warning"])
+    if run_dir is not None:
+        record_run_header(run_dir, facts)
 
 
 def record_run_header(run_dir: str | Path, facts: dict) -> None:
