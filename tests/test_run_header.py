@@ -15,7 +15,7 @@ from PIL import Image
 from s4mc.cli import train_main
 from s4mc.config import load_config
 from s4mc.engine import loop
-from s4mc.engine.run_header import build_run_header, format_run_header
+from s4mc.engine.run_header import build_run_header, format_run_header, main, preview_run_header
 from s4mc.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +91,12 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert facts["batch"]["warning"] in warnings[0]
     assert format_run_header(facts) in block  # the stored facts give back the logged block
 
+    # The preview (no images, no run) states the same protocol as the run did.
+    preview = preview_run_header(load_config(REPO / "experiments/pascal/366/config.yaml", opts), 1, "cpu")
+    for key in ("batch", "lr", "schedule", "method", "evaluation", "precision", "target"):
+        assert preview[key] == facts[key], key
+    assert (preview["dataset"]["labeled_images"], preview["dataset"]["unlabeled_images"]) == (4, 12)
+
 
 def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.lr_scaling": "linear", "trainer.head_lr_mult": 10,
@@ -143,6 +149,36 @@ def test_header_without_loaders_counts_the_split_files(tmp_path):
     assert build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=2554, labeled_images=366,
                             unlabeled_images=10216, val_images=None, amp_dtype=None,
                             channels_last=False)["batch"]["warning"] is None
+
+
+def test_preview_command_on_the_voc_config(tmp_path, capsys):
+    """python -m s4mc.engine.run_header: the header of a 4-GPU VOC 366 run from its split files alone."""
+    splits = tmp_path / "splits"
+    (splits / "366").mkdir(parents=True)
+    (splits / "366" / "labeled.txt").write_text("".join(f"2007_{i:06d}\n" for i in range(366)))
+    (splits / "366" / "unlabeled.txt").write_text("".join(f"2008_{i:06d}\n" for i in range(10216)))
+    (splits / "val.txt").write_text("".join(f"2009_{i:06d}\n" for i in range(1449)))
+    args = ["--config", str(REPO / "experiments/pascal/366/config.yaml"), "--opts",
+            f"dataset.train.data_list={splits / '366/labeled.txt'}", f"dataset.val.data_list={splits / 'val.txt'}",
+            "net.encoder.type=resnet_tiny", "net.encoder.kwargs.width=8"]  # LR groups do not depend on size
+    assert main(["--world-size", "4", *args]) == 0
+    out = capsys.readouterr().out
+    assert "VOC classic, 366 labeled / 10,216 unlabeled (split files), 1,449 val images" in out
+    assert "4 labeled + 4 unlabeled per process × 4 process(es) × accumulate 1 = global 16 + 16; recipe 16 + 16\n" in out
+    # ceil(10,216 / 4 ranks) = 2,554 images per rank, 638 full batches of 4.
+    assert "80 epochs (1 supervised-only) × 638 optimizer steps = 51,040 steps" in out
+    assert "amp bfloat16, channels_last on" in out and "warning" not in out
+
+    assert main(["--world-size", "1", "--device", "cpu", *args]) == 0
+    out = capsys.readouterr().out
+    assert "× 2,554 optimizer steps" in out and "amp off, channels_last off" in out
+    assert "warning: global batch 4 + 4 (4 per process × 1 process(es) × accumulate 1) differs from the " \
+           "recipe's 16 + 16" in out
+
+    (splits / "366" / "unlabeled.txt").unlink()
+    assert main(["--world-size", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the split list {splits / '366' / 'unlabeled.txt'}" in err and "Traceback" not in err
 
 
 def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):

@@ -252,7 +252,8 @@ def announce_run_header(facts: dict, run_dir: str | Path | None = None,
     logger = logger or logging.getLogger("s4mc")
     logger.info("%s", format_run_header(facts))
     if facts["batch"].get("warning"):
-        logger.warning("%s", facts["batch"]["warning"])
+        # The log format has no level name; the prefix makes the line findable (grep warning).
+        logger.warning("warning: %s", facts["batch"]["warning"])
     if run_dir is not None:
         record_run_header(run_dir, facts)
 
@@ -263,3 +264,81 @@ def record_run_header(run_dir: str | Path, facts: dict) -> None:
     info = json.loads(path.read_text()) if path.is_file() else {}
     info["protocol"] = facts
     path.write_text(json.dumps(info, indent=2))
+
+
+def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> dict:
+    """The header a run of `cfg` on `world_size` processes would log, without its images.
+
+    The counts come from the split files (they must exist: the step counts depend on them), the
+    LRs from the optimizer that training builds, on a model built without its pretrained weights
+    (they do not change the groups). AMP and channels_last resolve as training would on `device`.
+    """
+    import copy
+    import math
+
+    from s4mc.engine.loop import build_optimizer, resolve_amp
+    from s4mc.errors import ConfigError
+    from s4mc.models import build_model
+
+    ds, tr = cfg["dataset"], cfg["trainer"]
+    sup_only = tr["mode"] == "sup"
+    labeled = count_list_file(ds["train"].get("data_list"))
+    unlabeled = None if sup_only and tr["sup_epoch_length"] == "labeled" else count_list_file(_unlabeled_list(ds))
+    if labeled is None or (unlabeled is None and not (sup_only and tr["sup_epoch_length"] == "labeled")):
+        missing = ds["train"].get("data_list") if labeled is None else _unlabeled_list(ds)
+        raise ConfigError(f"cannot read the split list {missing}: the header's step counts come from the "
+                          "split files (python -m s4mc.data.splits make writes them)")
+    # As build_train_loaders: the labeled set is repeated to the unlabeled length; each rank
+    # takes ceil(n / world) indices and drops its last incomplete batch.
+    epoch_images = labeled if unlabeled is None else max(labeled, unlabeled)
+    iters_per_epoch = math.ceil(epoch_images / world_size) // ds["batch_size"]
+    net = copy.deepcopy(cfg["net"])
+    net["encoder"]["pretrained"] = None
+    optimizer = build_optimizer(build_model(net), cfg, world_size)
+    val = count_list_file(ds["val"].get("data_list")) if tr["eval_on"] else None
+    channels_last = tr["channels_last"] if tr["channels_last"] != "auto" else device == "cuda"
+    # Counts left to build_run_header, which reads the same split files and says so.
+    return build_run_header(cfg, world_size=world_size, optimizer=optimizer, iters_per_epoch=iters_per_epoch,
+                            labeled_images=None, unlabeled_images=None, val_images=val,
+                            amp_dtype=resolve_amp(tr["amp"], torch.device(device)), channels_last=channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m s4mc.engine.run_header --config C --world-size N`: the header before launching."""
+    import argparse
+    import sys
+
+    from s4mc.config import load_config
+    from s4mc.errors import S4MCError, clean_message
+
+    parser = argparse.ArgumentParser(
+        prog="python -m s4mc.engine.run_header",
+        description="Print the protocol header a training run of this config would log (dataset and split "
+        "counts, global batch against the recipe's, LR per group, steps, evaluation, target), without "
+        "loading images or starting a run. Only the split list files need to exist.")
+    parser.add_argument("--config", required=True, help="YAML config (see experiments/)")
+    parser.add_argument("--world-size", type=int, default=1, help="number of training processes (GPUs), default 1")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys as train_semi.py does, e.g. dataset.batch_size=4")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the run would train: sets what amp/channels_last 'auto' become (default cuda)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of the block")
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    try:
+        facts = preview_run_header(load_config(args.config, args.opts), args.world_size, args.device)
+    except S4MCError as exc:
+        print(f"error: {clean_message(exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        print(format_run_header(facts))
+        if facts["batch"]["warning"]:
+            print(f"warning: {facts['batch']['warning']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
