@@ -164,7 +164,8 @@ def test_preview_command_on_the_voc_config(tmp_path, capsys):
     assert main(["--world-size", "4", *args]) == 0
     out = capsys.readouterr().out
     assert "VOC classic, 366 labeled / 10,216 unlabeled (split files), 1,449 val images" in out
-    assert "4 labeled + 4 unlabeled per process × 4 process(es) × accumulate 1 = global 16 + 16; recipe 16 + 16\n" in out
+    assert ("4 labeled + 4 unlabeled per process × 4 process(es) × accumulate 1 = global 16 + 16; "
+            "recipe 16 + 16\n") in out
     # ceil(10,216 / 4 ranks) = 2,554 images per rank, 638 full batches of 4.
     assert "80 epochs (1 supervised-only) × 638 optimizer steps = 51,040 steps" in out
     assert "amp bfloat16, channels_last on" in out and "warning" not in out
