@@ -179,7 +179,7 @@ def test_preview_command_on_the_voc_config(tmp_path, capsys):
     (splits / "366" / "unlabeled.txt").unlink()
     assert main(["--world-size", "4", *args]) == 2
     err = capsys.readouterr().err
-    assert f"cannot read the split list {splits / '366' / 'unlabeled.txt'}" in err and "Traceback" not in err
+    assert f"split file not found: {splits / '366' / 'unlabeled.txt'}" in err and "Traceback" not in err
 
 
 def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):

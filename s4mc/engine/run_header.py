@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from s4mc.data.datasets import read_split
+from s4mc.errors import DataError
+
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
 
 
@@ -35,10 +38,9 @@ def count_list_file(path) -> int | None:
     if not path:
         return None
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        return len(read_split(path))
+    except DataError:
         return None
-    return sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
 def _unlabeled_list(ds: dict) -> str | None:
@@ -151,16 +153,22 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     return facts
 
 
+def _recipe_batch(facts: dict) -> dict | None:
+    """The recipe's global batch as it applies to this run: a supervised-only run draws no
+    unlabeled images, so only the labeled half of a semi-supervised recipe can match."""
+    recipe = facts["batch"]["recipe_global"]
+    if recipe.get("labeled") is None:
+        return None
+    return {"labeled": recipe["labeled"],
+            "unlabeled": 0 if facts["method"]["mode"] == "sup" else recipe["unlabeled"]}
+
+
 def batch_warning(facts: dict) -> str | None:
     """One line when the run's global batch is not the recipe's and nothing compensates
     (trainer.lr_scaling none): the most common reason a run lands below the published mIoU."""
-    b, recipe = facts["batch"], facts["batch"]["recipe_global"]
-    if recipe.get("labeled") is None or facts["lr"]["scaling"] == "linear":
-        return None
+    b, wanted = facts["batch"], _recipe_batch(facts)
     run = b["global"]
-    wanted = {"labeled": recipe["labeled"],
-              "unlabeled": 0 if facts["method"]["mode"] == "sup" else recipe["unlabeled"]}
-    if run == wanted:
+    if wanted is None or facts["lr"]["scaling"] == "linear" or run == wanted:
         return None
     per = b["per_process"]["labeled"]
     return (f"global batch {_batch_text(run)} ({per} per process × {b['world_size']} process(es) × accumulate "
@@ -196,10 +204,9 @@ def format_run_header(facts: dict) -> str:
     per = b["per_process"]
     batch = (f"{per['labeled']} labeled + {per['unlabeled']} unlabeled per process × {b['world_size']} "
              f"process(es) × accumulate {b['accumulate']} = global {_batch_text(b['global'])}")
-    recipe = b["recipe_global"]
-    if recipe.get("labeled") is not None:
-        same = recipe["labeled"] == b["global"]["labeled"] and recipe["unlabeled"] == b["global"]["unlabeled"]
-        batch += f"; recipe {_batch_text(recipe)}" + ("" if same else " (DIFFERS)")
+    recipe = _recipe_batch(facts)
+    if recipe is not None:
+        batch += f"; recipe {_batch_text(recipe)}" + ("" if recipe == b["global"] else " (DIFFERS)")
 
     lrs = ", ".join(f"{name} {value:.4g}" for name, value in lr["groups"].items())
     lr_text = f"{lrs} ({lr['schedule']}, lr_scaling {lr['scaling']})"
@@ -281,17 +288,21 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
     from s4mc.models import build_model
 
     ds, tr = cfg["dataset"], cfg["trainer"]
-    sup_only = tr["mode"] == "sup"
-    labeled = count_list_file(ds["train"].get("data_list"))
-    unlabeled = None if sup_only and tr["sup_epoch_length"] == "labeled" else count_list_file(_unlabeled_list(ds))
-    if labeled is None or (unlabeled is None and not (sup_only and tr["sup_epoch_length"] == "labeled")):
-        missing = ds["train"].get("data_list") if labeled is None else _unlabeled_list(ds)
-        raise ConfigError(f"cannot read the split list {missing}: the header's step counts come from the "
-                          "split files (python -m s4mc.data.splits make writes them)")
-    # As build_train_loaders: the labeled set is repeated to the unlabeled length; each rank
-    # takes ceil(n / world) indices and drops its last incomplete batch.
-    epoch_images = labeled if unlabeled is None else max(labeled, unlabeled)
-    iters_per_epoch = math.ceil(epoch_images / world_size) // ds["batch_size"]
+    bs = ds["batch_size"]
+    # read_split raises the loaders' own errors (file named, with the fetch hint for VOC/Cityscapes).
+    labeled = len(read_split(ds["train"]["data_list"]))
+    if tr["mode"] == "sup" and tr["sup_epoch_length"] == "labeled":
+        # Supervised only: the labeled set alone, repeated up to one global batch when smaller.
+        epoch_images = max(labeled, bs * world_size)
+    else:
+        unlabeled_list = _unlabeled_list(ds)
+        if unlabeled_list is None:
+            raise ConfigError(f"dataset.train.unlabeled_list is not set and cannot be derived from "
+                              f"{ds['train']['data_list']} (only a labeled.txt implies an unlabeled.txt)")
+        # As build_train_loaders: the labeled set is repeated to the unlabeled length.
+        epoch_images = max(labeled, len(read_split(unlabeled_list)))
+    # Each rank takes ceil(n / world) indices and drops its last incomplete batch.
+    iters_per_epoch = math.ceil(epoch_images / world_size) // bs
     net = copy.deepcopy(cfg["net"])
     net["encoder"]["pretrained"] = None
     optimizer = build_optimizer(build_model(net), cfg, world_size)
