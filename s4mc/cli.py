@@ -140,7 +140,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="predict every image under DIR (nested folders; png/jpg/bmp/tif/webp) into --save-dir "
                         "instead of evaluating: one palette PNG per image at its size, and legend.png; no labels "
-                        "needed. With --refine the refined prediction is written")
+                        "needed; nothing is written next to the inputs. Files that do not decode are named, skipped "
+                        "and counted in the closing summary. With --refine the refined prediction is written")
     args = parser.parse_args(argv)
     if args.images is not None and not args.save_dir:
         parser.error("--images needs --save-dir (where the predictions go)")

@@ -103,12 +103,26 @@ class PredictSummary:
                 "num_skipped": len(self.skipped), "seconds": self.seconds, "legend": self.legend}
 
     def format(self, out_dir) -> str:
-        line = f"predicted {len(self.written)} image(s) into {out_dir} in {self.seconds:.1f}s"
+        # The skipped count is always printed, 0 included, so a script can rely on the line's shape.
+        line = f"wrote {len(self.written)} predictions, skipped {len(self.skipped)} unreadable"
         if self.skipped:
-            line += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(s["file"] for s in self.skipped)
+            line += ": " + ", ".join(s["file"] for s in self.skipped)
+        line += f" (into {out_dir} in {self.seconds:.1f}s"
         if self.legend:
             line += f"; class colours: {self.legend}"
-        return line
+        return line + ")"
+
+
+def shard(files: Sequence, rank: int, world_size: int) -> list:
+    """This rank's share of the sorted file list: every world_size-th file from `rank`.
+
+    The shares are disjoint and together cover the list, so each image is written by exactly
+    one process; interleaving (rather than contiguous blocks) keeps the shares within one file
+    of each other in size and mixes the folders, so no rank gets all the large images of one.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not one of the {world_size} process(es)")
+    return list(files[rank::world_size])
 
 
 def draw_legend(path: str | os.PathLike, class_names: Sequence[str], palette) -> Path:
@@ -144,7 +158,7 @@ def predict_folder(infer: Callable[[torch.Tensor], torch.Tensor], images: str | 
         raise DataError(f"--images {images}: no image files ({', '.join(IMAGE_EXTS)}) found")
     names = output_names(files)
     legend_name = LEGEND_NAME if Path(LEGEND_NAME) not in names.values() else "_" + LEGEND_NAME
-    mine = files[rank::world_size]
+    mine = shard(files, rank, world_size)
     loader = DataLoader(FolderImages(images, mine, mean, std, keep_rgb=overlay), batch_size=None,
                         num_workers=workers, collate_fn=_unbatched)
     written, skipped = [], []

@@ -18,7 +18,7 @@ from PIL import Image
 from s4mc.cli import eval_main
 from s4mc.data.datasets import load_image
 from s4mc.evaluation import configured_inference
-from s4mc.predict import list_images, predict_folder
+from s4mc.predict import PredictSummary, list_images, predict_folder, shard
 from test_eval_cli import setup, u2pl_checkpoint  # noqa: F401 (setup is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_eval_images_cli(tmp_path, toy_checkpoint, capsys):
                       "--device", "cpu", "--flip"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"predicted {len(sizes)} image(s)" in printed and "skipped 1 unreadable: sub/broken.jpg" in printed
+    assert f"wrote {len(sizes)} predictions, skipped 1 unreadable: sub/broken.jpg (into {out}" in printed
     summary = json.loads(result.read_text())
     assert summary["num_written"] == len(sizes) and summary["num_skipped"] == 1
     for rel, (h, w) in sizes.items():
@@ -135,6 +135,25 @@ def test_eval_images_cli(tmp_path, toy_checkpoint, capsys):
         assert png.size == (w, h) and png.mode == "P"
         assert int(np.array(png).max()) < 6  # the toy config's 6 classes
     assert (out / "legend.png").is_file() and (out / "a_overlay.png").is_file()
+
+
+@pytest.mark.parametrize("n_files, world_size", [(11, 1), (11, 2), (11, 4), (3, 5), (0, 3)])
+def test_shard_gives_every_file_to_exactly_one_rank(n_files, world_size):
+    files = [Path(f"dir{i % 3}/img{i}.png") for i in range(n_files)]
+    shares = [shard(files, rank, world_size) for rank in range(world_size)]
+    together = [f for share in shares for f in share]
+    assert sorted(together) == sorted(files) and len(together) == len(files)  # each once, none lost
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # balanced to within one file
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 process"):
+        shard(files, 2, 2)
+
+
+def test_summary_line_counts_written_and_skipped():
+    summary = PredictSummary(written=["a.png", "b.png"], skipped=[{"file": "sub/bad.jpg", "error": "x"}],
+                             seconds=1.25, legend="out/legend.png")
+    assert summary.format("out") == ("wrote 2 predictions, skipped 1 unreadable: sub/bad.jpg "
+                                     "(into out in 1.2s; class colours: out/legend.png)")
+    assert PredictSummary(written=["a.png"]).format("o").startswith("wrote 1 predictions, skipped 0 unreadable (")
 
 
 def test_eval_images_needs_save_dir(toy_checkpoint, tmp_path, capsys):
@@ -162,5 +181,6 @@ def test_eval_images_under_torchrun_writes_every_image_once(tmp_path, toy_checkp
     # Both ranks' shares together: every readable image once, the corrupt one skipped once.
     assert summary["written"] == sorted(sizes)
     assert [s["file"] for s in summary["skipped"]] == ["sub/broken.jpg"]
-    assert proc.stdout.count("predicted ") == 1  # one summary, from rank 0
+    assert proc.stdout.count("wrote ") == 1  # one summary, from rank 0
+    assert f"wrote {len(sizes)} predictions, skipped 1 unreadable: sub/broken.jpg" in proc.stdout
     assert len([p for p in out.rglob("*.png") if p.name != "legend.png"]) == len(sizes)

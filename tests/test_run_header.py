@@ -15,7 +15,7 @@ from PIL import Image
 from s4mc.cli import train_main
 from s4mc.config import load_config
 from s4mc.engine import loop
-from s4mc.engine.run_header import build_run_header, format_run_header
+from s4mc.engine.run_header import build_run_header, format_run_header, main, preview_run_header
 from s4mc.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,13 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert lines["target"] == ("75.41 mIoU (S4MC paper (arXiv 2308.13900), PASCAL VOC classic table, "
                                "S4MC + CutMix-Seg, 366 labels)")
     assert "mixing cutmix" in lines["method"] and "refinement on (4-neighbourhood" in lines["method"]
+    # 2 + 2 on one process is not the recipe's 16 + 16 and nothing scales the LR: one warning,
+    # with both numbers and both fixes, after the block.
+    warnings = [line for line in out.splitlines() if "differs from the recipe's" in line]
+    assert len(warnings) == 1
+    assert "global batch 2 + 2" in warnings[0] and "recipe's 16 + 16" in warnings[0]
+    assert "trainer.accumulate" in warnings[0] and "trainer.lr_scaling: linear" in warnings[0]
+    assert out.index("run protocol:") < out.index(warnings[0])
 
     env = json.loads((tmp_path / "runs" / "voc" / "environment.json").read_text())
     assert "git_commit" in env  # the header is added to the run info, not written instead of it
@@ -81,7 +88,14 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert facts["schedule"]["optimizer_steps_total"] == 1
     assert facts["evaluation"][0]["mode"] == "whole" and facts["evaluation"][0]["selects_best"]
     assert facts["target"]["published_miou"] == 75.41
+    assert facts["batch"]["warning"] in warnings[0]
     assert format_run_header(facts) in block  # the stored facts give back the logged block
+
+    # The preview (no images, no run) states the same protocol as the run did.
+    preview = preview_run_header(load_config(REPO / "experiments/pascal/366/config.yaml", opts), 1, "cpu")
+    for key in ("batch", "lr", "schedule", "method", "evaluation", "precision", "target"):
+        assert preview[key] == facts[key], key
+    assert (preview["dataset"]["labeled_images"], preview["dataset"]["unlabeled_images"]) == (4, 12)
 
 
 def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, tmp_path):
@@ -101,6 +115,71 @@ def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, 
     assert "sliding window 24×24, single scale, flip" in text
     assert "amp bfloat16, channels_last on, compile off" in text
     assert "no published number (recipe.published_miou not set in the config)" in text
+
+
+def test_header_without_loaders_counts_the_split_files(tmp_path):
+    """The header needs no images: without loaded datasets it counts the split lists, and
+    without those it says the count is the config's own dataset.n_sup."""
+    splits = tmp_path / "splits" / "366"
+    splits.mkdir(parents=True)
+    (splits / "labeled.txt").write_text("# a comment line\n" + "".join(f"img{i}\n" for i in range(366)))
+    (splits / "unlabeled.txt").write_text("".join(f"u{i} u{i}.png\n" for i in range(10216)) + "\n\n")
+    cfg = load_config(REPO / "experiments/pascal/366/config.yaml",
+                      [f"dataset.train.data_list={splits / 'labeled.txt'}", "dataset.batch_size=4",
+                       "net.encoder.pretrained=null"])
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "initial_lr": 0.001, "name": "backbone"},
+                                 {"params": [torch.zeros(1)], "initial_lr": 0.01, "name": "head"}], lr=0.001)
+    facts = build_run_header(cfg, world_size=4, optimizer=optimizer, iters_per_epoch=638, labeled_images=None,
+                             unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
+    text = format_run_header(facts)
+    assert "VOC classic, 366 labeled / 10,216 unlabeled (split files)" in text
+    # 4 per process × 4 processes = the recipe's 16 + 16: no warning, no DIFFERS.
+    assert "= global 16 + 16; recipe 16 + 16\n" in text
+    assert facts["batch"]["warning"] is None
+
+    (splits / "labeled.txt").unlink()
+    cfg["dataset"]["train"]["unlabeled_list"] = None
+    facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=2554, labeled_images=None,
+                             unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
+    assert ("VOC classic, 366 labeled / 10,216 unlabeled (split files; labeled from dataset.n_sup, its split "
+            "file not found)") in format_run_header(facts)
+    assert "4 + 4" in facts["batch"]["warning"] and "16 + 16" in facts["batch"]["warning"]
+    # Linear LR scaling is the other accepted answer to a smaller batch: then no warning.
+    cfg["trainer"]["lr_scaling"] = "linear"
+    assert build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=2554, labeled_images=366,
+                            unlabeled_images=10216, val_images=None, amp_dtype=None,
+                            channels_last=False)["batch"]["warning"] is None
+
+
+def test_preview_command_on_the_voc_config(tmp_path, capsys):
+    """python -m s4mc.engine.run_header: the header of a 4-GPU VOC 366 run from its split files alone."""
+    splits = tmp_path / "splits"
+    (splits / "366").mkdir(parents=True)
+    (splits / "366" / "labeled.txt").write_text("".join(f"2007_{i:06d}\n" for i in range(366)))
+    (splits / "366" / "unlabeled.txt").write_text("".join(f"2008_{i:06d}\n" for i in range(10216)))
+    (splits / "val.txt").write_text("".join(f"2009_{i:06d}\n" for i in range(1449)))
+    args = ["--config", str(REPO / "experiments/pascal/366/config.yaml"), "--opts",
+            f"dataset.train.data_list={splits / '366/labeled.txt'}", f"dataset.val.data_list={splits / 'val.txt'}",
+            "net.encoder.type=resnet_tiny", "net.encoder.kwargs.width=8"]  # LR groups do not depend on size
+    assert main(["--world-size", "4", *args]) == 0
+    out = capsys.readouterr().out
+    assert "VOC classic, 366 labeled / 10,216 unlabeled (split files), 1,449 val images" in out
+    assert ("4 labeled + 4 unlabeled per process × 4 process(es) × accumulate 1 = global 16 + 16; "
+            "recipe 16 + 16\n") in out
+    # ceil(10,216 / 4 ranks) = 2,554 images per rank, 638 full batches of 4.
+    assert "80 epochs (1 supervised-only) × 638 optimizer steps = 51,040 steps" in out
+    assert "amp bfloat16, channels_last on" in out and "warning" not in out
+
+    assert main(["--world-size", "1", "--device", "cpu", *args]) == 0
+    out = capsys.readouterr().out
+    assert "× 2,554 optimizer steps" in out and "amp off, channels_last off" in out
+    assert "warning: global batch 4 + 4 (4 per process × 1 process(es) × accumulate 1) differs from the " \
+           "recipe's 16 + 16" in out
+
+    (splits / "366" / "unlabeled.txt").unlink()
+    assert main(["--world-size", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"split file not found: {splits / '366' / 'unlabeled.txt'}" in err and "Traceback" not in err
 
 
 def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):

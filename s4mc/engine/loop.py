@@ -24,7 +24,7 @@ from s4mc.config import dump_config
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
-from s4mc.engine.run_header import build_run_header, count_images, format_run_header, record_run_header
+from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
@@ -344,8 +344,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         labeled_images=count_images(labeled_loader), unlabeled_images=count_images(unlabeled_loader),
         val_images=count_images(val_loader), amp_dtype=state.amp_dtype, channels_last=state.channels_last)
     if dist.is_main:
-        log.info("%s", format_run_header(header))
-        record_run_header(run_dir, header)
+        announce_run_header(header, run_dir, log)
 
     debug: dict = {}
 

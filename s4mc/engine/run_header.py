@@ -10,9 +10,13 @@ and stores the same facts under "protocol" in the run's environment.json.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
+
+from s4mc.data.datasets import read_split
+from s4mc.errors import DataError
 
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
 
@@ -26,6 +30,28 @@ def count_images(loader) -> int | None:
     while hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return len(dataset)
+
+
+def count_list_file(path) -> int | None:
+    """Entries of a split list (non-empty, non-comment lines), or None when it cannot be read:
+    the count the loaders would load, for a header built before (or without) them."""
+    if not path:
+        return None
+    try:
+        return len(read_split(path))
+    except DataError:
+        return None
+
+
+def _unlabeled_list(ds: dict) -> str | None:
+    """dataset.train.unlabeled_list, or the release's implied unlabeled.txt beside labeled.txt."""
+    listed = ds["train"].get("unlabeled_list")
+    if listed:
+        return listed
+    labeled = ds["train"].get("data_list")
+    if labeled and Path(labeled).name == "labeled.txt":
+        return str(Path(labeled).with_name("unlabeled.txt"))
+    return None
 
 
 def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
@@ -50,13 +76,27 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
         total_steps = min(total_steps, tr["max_iters"] // accumulate)
     unsup = tr["unsupervised"]
     ev = cfg["evaluation"]
-    return {
+    # Counts: the loaded datasets when the caller has them; else the split files; else the
+    # config's own statement (dataset.n_sup). The header says which, since only the first
+    # two are facts about the data on disk.
+    counted_from = "split lists as loaded"
+    if labeled_images is None:
+        labeled_images = count_list_file(ds["train"].get("data_list"))
+        if not sup_only:
+            unlabeled_images = count_list_file(_unlabeled_list(ds))
+        counted_from = "split files"
+        if labeled_images is None:
+            labeled_images = ds["n_sup"]
+            counted_from = ("labeled from dataset.n_sup, its split file not found" if unlabeled_images is None
+                            else "split files; labeled from dataset.n_sup, its split file not found")
+    facts = {
         "dataset": {
             "name": recipe["dataset"] or DATASET_NAMES.get(ds["type"], ds["type"]),
             "type": ds["type"],
             "labeled_images": labeled_images,
             "unlabeled_images": None if sup_only else unlabeled_images,
             "val_images": val_images,
+            "counted_from": counted_from,
             "n_sup": ds["n_sup"],
             "labeled_list": ds["train"]["data_list"],
             "unlabeled_list": None if sup_only else ds["train"]["unlabeled_list"],
@@ -109,6 +149,32 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
         },
         "target": {"published_miou": recipe["published_miou"], "source": recipe["source"]},
     }
+    facts["batch"]["warning"] = batch_warning(facts)
+    return facts
+
+
+def _recipe_batch(facts: dict) -> dict | None:
+    """The recipe's global batch as it applies to this run: a supervised-only run draws no
+    unlabeled images, so only the labeled half of a semi-supervised recipe can match."""
+    recipe = facts["batch"]["recipe_global"]
+    if recipe.get("labeled") is None:
+        return None
+    return {"labeled": recipe["labeled"],
+            "unlabeled": 0 if facts["method"]["mode"] == "sup" else recipe["unlabeled"]}
+
+
+def batch_warning(facts: dict) -> str | None:
+    """One line when the run's global batch is not the recipe's and nothing compensates
+    (trainer.lr_scaling none): the most common reason a run lands below the published mIoU."""
+    b, wanted = facts["batch"], _recipe_batch(facts)
+    run = b["global"]
+    if wanted is None or facts["lr"]["scaling"] == "linear" or run == wanted:
+        return None
+    per = b["per_process"]["labeled"]
+    return (f"global batch {_batch_text(run)} ({per} per process × {b['world_size']} process(es) × accumulate "
+            f"{b['accumulate']}) differs from the recipe's {_batch_text(wanted)}, and trainer.lr_scaling is "
+            f"none; to match the recipe set trainer.accumulate so that processes × dataset.batch_size × "
+            f"accumulate = {wanted['labeled']}, or set trainer.lr_scaling: linear to scale the LR to this batch")
 
 
 def _crop(size) -> list[int]:
@@ -129,7 +195,7 @@ def format_run_header(facts: dict) -> str:
     data = f"{d['name']}, {_count(d['labeled_images'])} labeled"
     if d["unlabeled_images"] is not None:
         data += f" / {_count(d['unlabeled_images'])} unlabeled"
-    data += " (split lists as loaded)"
+    data += f" ({d.get('counted_from', 'split lists as loaded')})"
     if d["val_images"] is not None:
         data += f", {d['val_images']:,} val images"
     if d["n_sup"] is not None and d["labeled_images"] is not None and d["n_sup"] != d["labeled_images"]:
@@ -138,10 +204,9 @@ def format_run_header(facts: dict) -> str:
     per = b["per_process"]
     batch = (f"{per['labeled']} labeled + {per['unlabeled']} unlabeled per process × {b['world_size']} "
              f"process(es) × accumulate {b['accumulate']} = global {_batch_text(b['global'])}")
-    recipe = b["recipe_global"]
-    if recipe.get("labeled") is not None:
-        same = recipe["labeled"] == b["global"]["labeled"] and recipe["unlabeled"] == b["global"]["unlabeled"]
-        batch += f"; recipe {_batch_text(recipe)}" + ("" if same else " (DIFFERS)")
+    recipe = _recipe_batch(facts)
+    if recipe is not None:
+        batch += f"; recipe {_batch_text(recipe)}" + ("" if recipe == b["global"] else " (DIFFERS)")
 
     lrs = ", ".join(f"{name} {value:.4g}" for name, value in lr["groups"].items())
     lr_text = f"{lrs} ({lr['schedule']}, lr_scaling {lr['scaling']})"
@@ -188,9 +253,103 @@ def format_run_header(facts: dict) -> str:
     return "run protocol:\n" + "\n".join(f"  {name:<12}{text}" for name, text in rows)
 
 
+def announce_run_header(facts: dict, run_dir: str | Path | None = None,
+                        logger: logging.Logger | None = None) -> None:
+    """The start of a run (rank 0 only): the header block, the batch warning, environment.json."""
+    logger = logger or logging.getLogger("s4mc")
+    logger.info("%s", format_run_header(facts))
+    if facts["batch"].get("warning"):
+        # The log format has no level name; the prefix makes the line findable (grep warning).
+        logger.warning("warning: %s", facts["batch"]["warning"])
+    if run_dir is not None:
+        record_run_header(run_dir, facts)
+
+
 def record_run_header(run_dir: str | Path, facts: dict) -> None:
     """Add the facts to the run's environment.json under "protocol" (creating it if absent)."""
     path = Path(run_dir) / "environment.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     info["protocol"] = facts
     path.write_text(json.dumps(info, indent=2))
+
+
+def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> dict:
+    """The header a run of `cfg` on `world_size` processes would log, without its images.
+
+    The counts come from the split files (they must exist: the step counts depend on them), the
+    LRs from the optimizer that training builds, on a model built without its pretrained weights
+    (they do not change the groups). AMP and channels_last resolve as training would on `device`.
+    """
+    import copy
+    import math
+
+    from s4mc.engine.loop import build_optimizer, resolve_amp
+    from s4mc.errors import ConfigError
+    from s4mc.models import build_model
+
+    ds, tr = cfg["dataset"], cfg["trainer"]
+    bs = ds["batch_size"]
+    # read_split raises the loaders' own errors (file named, with the fetch hint for VOC/Cityscapes).
+    labeled = len(read_split(ds["train"]["data_list"]))
+    if tr["mode"] == "sup" and tr["sup_epoch_length"] == "labeled":
+        # Supervised only: the labeled set alone, repeated up to one global batch when smaller.
+        epoch_images = max(labeled, bs * world_size)
+    else:
+        unlabeled_list = _unlabeled_list(ds)
+        if unlabeled_list is None:
+            raise ConfigError(f"dataset.train.unlabeled_list is not set and cannot be derived from "
+                              f"{ds['train']['data_list']} (only a labeled.txt implies an unlabeled.txt)")
+        # As build_train_loaders: the labeled set is repeated to the unlabeled length.
+        epoch_images = max(labeled, len(read_split(unlabeled_list)))
+    # Each rank takes ceil(n / world) indices and drops its last incomplete batch.
+    iters_per_epoch = math.ceil(epoch_images / world_size) // bs
+    net = copy.deepcopy(cfg["net"])
+    net["encoder"]["pretrained"] = None
+    optimizer = build_optimizer(build_model(net), cfg, world_size)
+    val = count_list_file(ds["val"].get("data_list")) if tr["eval_on"] else None
+    channels_last = tr["channels_last"] if tr["channels_last"] != "auto" else device == "cuda"
+    # Counts left to build_run_header, which reads the same split files and says so.
+    return build_run_header(cfg, world_size=world_size, optimizer=optimizer, iters_per_epoch=iters_per_epoch,
+                            labeled_images=None, unlabeled_images=None, val_images=val,
+                            amp_dtype=resolve_amp(tr["amp"], torch.device(device)), channels_last=channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m s4mc.engine.run_header --config C --world-size N`: the header before launching."""
+    import argparse
+    import sys
+
+    from s4mc.config import load_config
+    from s4mc.errors import S4MCError, clean_message
+
+    parser = argparse.ArgumentParser(
+        prog="python -m s4mc.engine.run_header",
+        description="Print the protocol header a training run of this config would log (dataset and split "
+        "counts, global batch against the recipe's, LR per group, steps, evaluation, target), without "
+        "loading images or starting a run. Only the split list files need to exist.")
+    parser.add_argument("--config", required=True, help="YAML config (see experiments/)")
+    parser.add_argument("--world-size", type=int, default=1, help="number of training processes (GPUs), default 1")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config keys as train_semi.py does, e.g. dataset.batch_size=4")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the run would train: sets what amp/channels_last 'auto' become (default cuda)")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of the block")
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    try:
+        facts = preview_run_header(load_config(args.config, args.opts), args.world_size, args.device)
+    except S4MCError as exc:
+        print(f"error: {clean_message(exc)}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        print(format_run_header(facts))
+        if facts["batch"]["warning"]:
+            print(f"warning: {facts['batch']['warning']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
