@@ -173,8 +173,9 @@ def batch_warning(facts: dict) -> str | None:
     per = b["per_process"]["labeled"]
     return (f"global batch {_batch_text(run)} ({per} per process × {b['world_size']} process(es) × accumulate "
             f"{b['accumulate']}) differs from the recipe's {_batch_text(wanted)}, and trainer.lr_scaling is "
-            f"none; to match the recipe set trainer.accumulate so that processes × dataset.batch_size × "
-            f"accumulate = {wanted['labeled']}, or set trainer.lr_scaling: linear to scale the LR to this batch")
+            f"none; to match the recipe make processes × dataset.batch_size = {wanted['labeled']} (more GPUs or a "
+            f"larger per-GPU batch; gradient accumulation is not implemented yet), or set trainer.lr_scaling: "
+            f"linear to scale the LR to this batch")
 
 
 def _crop(size) -> list[int]:
