@@ -192,7 +192,7 @@ def run_eval(args, overrides: list[str]):
     import torch
 
     from s4mc.data import build_val_dataset
-    from s4mc.engine.loop import resolve_amp
+    from s4mc.runtime import resolve_amp
     from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
 
     cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
@@ -234,7 +234,7 @@ def run_eval(args, overrides: list[str]):
 
 def run_predict(args, overrides: list[str]):
     """eval.py --images: predictions for a folder of unlabeled images (s4mc.predict)."""
-    from s4mc.engine.loop import resolve_amp
+    from s4mc.runtime import resolve_amp
     from s4mc.evaluation import configured_inference
     from s4mc.predict import predict_folder
 

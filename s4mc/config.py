@@ -50,6 +50,9 @@ NUM = (int, float)
 NONE = type(None)
 LIST = (list,)
 
+# Stands for `trainer.terms`, whose keys are term names and whose schemas come from s4mc.terms.
+TERMS_BLOCK = object()
+
 # Blocks whose absence means "off" (the release switches them on by presence).
 OPTIONAL_BLOCKS = {("trainer", "contrastive"), ("net", "aux_loss")}
 
@@ -112,6 +115,8 @@ SCHEMA: dict = {
         "image_every": _k(500, int),
         "max_iters": _k(None, int, NONE),
         "mode": _k("semi", str, choices=("semi", "sup")),
+        # The training method, a name in s4mc.methods.METHODS (checked once that registry is known).
+        "method": _k("mean_teacher", str),
         # With mode: sup, an epoch is one pass over the labeled list (U2PL's train_sup), or as many
         # iterations as a semi-supervised epoch (the labeled list repeated to the unlabeled list's
         # length, as the semi loop does): the same budget and schedule, for a fair comparison.
@@ -153,6 +158,18 @@ SCHEMA: dict = {
             "unsup_weight": _k(1.0, *NUM),
             "strong_aug": _k(False, bool),
         },
+        # trainer.method: unimatch (s4mc/methods/unimatch.py). Defaults are the UniMatch paper's.
+        "unimatch": {
+            "ema": _k(False, bool),  # false: the student makes its own pseudo-labels, as UniMatch does
+            "fp": _k(True, bool),  # the feature-perturbation branch
+            "fp_dropout": _k(0.5, *NUM),
+            "weight_strong": _k(0.25, *NUM),  # each of the two strong views
+            "weight_fp": _k(0.5, *NUM),
+            "threshold": _k(0.95, *NUM),  # fixed confidence threshold, used when unsupervised.refine is false
+        },
+        # Additive loss terms other than the contrastive one: trainer.terms.<name>, each validated by
+        # the schema its s4mc.terms registration gives.
+        "terms": TERMS_BLOCK,
         "contrastive": {
             "loss_weight": _k(1.0, *NUM),
             "negative_high_entropy": _k(True, bool),
@@ -297,6 +314,10 @@ def _suggest(dotted: str) -> str:
 def _schema_at(dotted: str):
     node: Any = SCHEMA
     for part in dotted.split("."):
+        if node is TERMS_BLOCK:
+            from s4mc.terms import TERMS
+
+            node = {name: spec.schema for name, spec in TERMS.items()}
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
@@ -362,6 +383,9 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
     for key, sub in schema.items():
         dotted = prefix + key
         present = key in raw
+        if sub is TERMS_BLOCK:
+            result[key] = _merge_terms(raw.get(key), where, dotted, ignored)
+            continue
         if isinstance(sub, dict):
             value = raw.get(key)
             optional = tuple(dotted.split(".")) in OPTIONAL_BLOCKS
@@ -380,6 +404,28 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
             result[key] = copy.deepcopy(sub.default)
             continue
         result[key] = _check_value(sub, raw[key], dotted, where)
+    return result
+
+
+def _merge_terms(raw, where: str, dotted: str, ignored: list[str]) -> dict:
+    """`trainer.terms`: one block per registered term, each merged with that term's own schema."""
+    from s4mc.terms import TERMS
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{dotted}' must be a mapping of term names to blocks, got {raw!r}")
+    result = {}
+    for name, block in raw.items():
+        if name not in TERMS:
+            raise ConfigError(f"{where}: unknown term '{dotted}.{name}'; registered terms: {', '.join(sorted(TERMS))}")
+        if block is None or block is False:
+            continue
+        if block is True:
+            block = {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: '{dotted}.{name}' must be a mapping of keys, got {block!r}")
+        result[name] = _merge(TERMS[name].schema, block, where, f"{dotted}.{name}.", ignored)
     return result
 
 
@@ -465,7 +511,7 @@ def _apply_override(raw: dict, key: str, value, where: str) -> None:
 
 def _resolve_paths(cfg: dict, schema: dict, base: Path) -> None:
     for key, sub in schema.items():
-        if cfg.get(key) is None:
+        if cfg.get(key) is None or sub is TERMS_BLOCK:
             continue
         if isinstance(sub, dict):
             _resolve_paths(cfg[key], sub, base)
@@ -564,6 +610,23 @@ def _check_semantics(cfg: dict, where: str) -> None:
     max_k = unsup["neighborhood_size"]
     if not 1 <= unsup["num_neighbors"] <= max_k:
         fail("trainer.unsupervised.num_neighbors", f"must lie in [1, {max_k}], got {unsup['num_neighbors']}")
+    from s4mc.methods import METHODS
+    from s4mc.terms import active_terms
+
+    if tr["method"] not in METHODS:
+        fail("trainer.method", f"= {tr['method']!r} is not a registered method; one of {sorted(METHODS)}")
+    terms = active_terms(cfg)
+    if terms and not getattr(METHODS[tr["method"]], "supports_terms", True):
+        fail("trainer.method", f"= {tr['method']!r} does not take additive loss terms, but {', '.join(terms)} "
+             "is switched on; remove that block or use trainer.method: mean_teacher")
+    unimatch = tr["unimatch"]
+    if not 0 <= unimatch["threshold"] <= 1:
+        fail("trainer.unimatch.threshold", f"is a confidence in [0, 1], got {unimatch['threshold']}")
+    if not 0 <= unimatch["fp_dropout"] < 1:
+        fail("trainer.unimatch.fp_dropout", f"is a dropout probability in [0, 1), got {unimatch['fp_dropout']}")
+    for key in ("weight_strong", "weight_fp"):
+        if unimatch[key] < 0:
+            fail(f"trainer.unimatch.{key}", f"must be >= 0, got {unimatch[key]}")
     for key in ("mean", "std"):
         if len(ds[key]) != 3:
             fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")

@@ -11,6 +11,7 @@ Nothing here copies a map to the host or calls `.item()`: on CUDA every statisti
 a 0-dim device tensor, so a training step never waits on the GPU for bookkeeping.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +185,8 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
 
     Gradients reach only `student_logits`. The CE is computed in fp32 whatever the input
     dtype; with nothing kept the loss is an exact 0 that still backpropagates (zeros).
-    Returns (loss, stats) where stats are detached 0-dim tensors (see `pseudo_label_target`).
+    Returns (loss, target, stats): the masked target, and stats as detached 0-dim tensors
+    (see `pseudo_label_target`).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -196,4 +198,54 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
         ce_sum = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
         kept = (target != ignore_index).sum().clamp(min=1).float()
         loss = (ce_sum / kept) * (target.numel() / kept)
-    return loss, stats
+    return loss, target, stats
+
+
+@dataclass(frozen=True)
+class S4MCSettings:
+    """The S4MC part of `trainer.unsupervised`, read once from the validated config.
+
+    Every training method that masks pseudo-labels the S4MC way goes through `loss`, so the
+    keywords of `pseudo_label_loss` are spelled out in one place.
+    """
+
+    indicator: str
+    neighborhood_size: int
+    num_neighbors: int
+    refine: bool
+    keep_percent: float  # kappa_0, where the schedule starts
+    keep_schedule: str  # "epoch" (the release) or "iteration"
+    epochs: int
+    ignore_index: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "S4MCSettings":
+        unsup = cfg["trainer"]["unsupervised"]
+        return cls(indicator=unsup["indicator"], neighborhood_size=unsup["neighborhood_size"],
+                   num_neighbors=unsup["num_neighbors"], refine=unsup["refine"],
+                   keep_percent=unsup["keep_percent"], keep_schedule=unsup["keep_schedule"],
+                   epochs=cfg["trainer"]["epochs"], ignore_index=cfg["dataset"]["ignore_index"])
+
+    def keep_percent_at(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
+        """kappa for this step; `iteration` is the global count."""
+        from s4mc.engine.schedule import keep_percent_at
+
+        if self.keep_schedule == "iteration":
+            return keep_percent_at(epoch, self.epochs, self.keep_percent,
+                                   iteration=iteration % iters_per_epoch, iters_per_epoch=iters_per_epoch)
+        return keep_percent_at(epoch, self.epochs, self.keep_percent)
+
+    def _keywords(self) -> dict:
+        return dict(indicator=self.indicator, neighbors=self.neighborhood_size, k=self.num_neighbors,
+                    refine=self.refine, ignore_index=self.ignore_index)
+
+    def loss(self, student_logits, teacher_logits, pseudo_label, keep_percent, *, prior=None,
+             ground_truth=None, maps=None):
+        """`pseudo_label_loss` with these settings: (loss, target, stats)."""
+        return pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, prior=prior,
+                                 ground_truth=ground_truth, maps=maps, **self._keywords())
+
+    def target(self, teacher_logits, pseudo_label, keep_percent, *, prior=None, ground_truth=None, maps=None):
+        """`pseudo_label_target` with these settings: (target, stats)."""
+        return pseudo_label_target(teacher_logits, pseudo_label, keep_percent, prior=prior,
+                                   ground_truth=ground_truth, maps=maps, **self._keywords())
