@@ -199,12 +199,16 @@ def _clear_outputs(run_dir: Path, ckpt_dir: Path) -> None:
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
-          local_rank: int | None = None, argv: list[str] | None = None, overwrite: bool = False) -> dict:
+          local_rank: int | None = None, argv: list[str] | None = None, overwrite: bool = False,
+          debug_dump: bool = False) -> dict:
     """Run training as configured; returns the final evaluation as a JSON-able dict.
 
     The run directory is only written once everything is built and a resume checkpoint has
     loaded, so a start that fails leaves no trace. Checkpoints of an earlier run are never
-    replaced unless `resume` continues that run or `overwrite` is given.
+    replaced unless `resume` continues that run or `overwrite` is given. `debug_dump` (a test
+    hook) makes every rank write its parameters and last local and reduced metrics to
+    debug_rank<R>.pt in the run directory, so a test can check that DDP kept the ranks identical
+    and that logged metrics are rank means.
     """
     from s4mc.data import build_train_loaders, build_val_dataset, dataset_info
     from s4mc.evaluation import build_val_loader, format_table
@@ -296,7 +300,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     def reduce_metrics(local: dict) -> dict:
         reduced = all_reduce_mean(local)
         state.history.append({k: float(v) for k, v in reduced.items()})
-        if os.environ.get("S4MC_DEBUG_DUMP"):
+        if debug_dump:
             debug["local_metrics"] = {k: float(v) for k, v in local.items()}
             debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
         return reduced
@@ -414,9 +418,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         if writer is not None:
             writer.flush()
 
-    if os.environ.get("S4MC_DEBUG_DUMP"):
-        # Test hook: every rank writes its own parameters and last metrics, so a test can
-        # check that DDP kept the ranks identical and that logged metrics are rank means.
+    if debug_dump:
         debug["params"] = {k: v.detach().cpu().clone() for k, v in state.student_module.named_parameters()}
         torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
     elapsed = time.perf_counter() - start_time
