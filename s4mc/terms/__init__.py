@@ -34,17 +34,21 @@ class TermSpec:
     schema: dict  # s4mc.config Keys: the block's defaults and types, its single source of truth
     legacy_key: str | None = None  # a `trainer.<key>` block that also switches the term on
     needs_rep: bool = False  # the model must compute its `rep` output
+    # Checks that span keys of the block: check(block, fail), fail(key, message) raising ConfigError.
+    # Single-key types, defaults and bounds belong in `schema`.
+    check: Callable | None = None
 
 
 TERMS: dict[str, TermSpec] = {}
 
 
-def register_term(name: str, *, schema: dict, legacy_key: str | None = None, needs_rep: bool = False):
+def register_term(name: str, *, schema: dict, legacy_key: str | None = None, needs_rep: bool = False,
+                  check: Callable | None = None):
     """Class or function decorator adding a term builder to TERMS under `name`."""
     def add(builder):
         if name in TERMS and TERMS[name].builder is not builder:
             raise ValueError(f"a loss term named {name!r} is already registered")
-        TERMS[name] = TermSpec(name, builder, schema, legacy_key, needs_rep)
+        TERMS[name] = TermSpec(name, builder, schema, legacy_key, needs_rep, check)
         return builder
     return add
 

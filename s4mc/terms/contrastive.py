@@ -14,7 +14,13 @@ from s4mc.contrastive import ContrastiveMemory, ContrastiveSettings, all_gather_
 from s4mc.terms import TermInputs, register_term
 
 
-@register_term("contrastive", schema=SCHEMA["trainer"]["contrastive"], legacy_key="contrastive", needs_rep=True)
+def check_ranks(block: dict, fail) -> None:
+    if block["high_rank"] <= block["low_rank"]:
+        fail("high_rank", f"= {block['high_rank']} must be greater than low_rank ({block['low_rank']})")
+
+
+@register_term("contrastive", schema=SCHEMA["trainer"]["contrastive"], legacy_key="contrastive", needs_rep=True,
+               check=check_ranks)
 class ContrastiveTerm:
     def __init__(self, block: dict, cfg: dict, device: torch.device):
         self.settings = ContrastiveSettings.from_config(block)
