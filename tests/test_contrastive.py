@@ -281,7 +281,7 @@ def test_settings_from_config_release_block():
     [
         ({"num_queris": 3}, "unknown key 'trainer.contrastive.num_queris'"),
         ({"binary": True}, "binary"),
-        ({"low_rank": "3"}, "low_rank' must be int"),
+        ({"low_rank": "three"}, "low_rank' must be int"),
         ({"high_rank": 2}, "high_rank.* must be greater than low_rank"),
         ({"temperature": 0}, "temperature' = 0.0 must lie in"),
         ({"negative_high_entropy": 1}, "negative_high_entropy' must be bool"),
