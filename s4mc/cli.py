@@ -67,6 +67,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="auto: continue from <run>/checkpoints/latest.pth if it exists; or a checkpoint path")
     parser.add_argument("--overwrite", action="store_true",
                         help="start the run over even though its folder holds checkpoints (they are deleted)")
+    parser.add_argument("--debug-dump", action="store_true", help=argparse.SUPPRESS)  # tests: see loop.train
     args = parser.parse_args(argv)
 
     from s4mc.config import load_config
@@ -80,7 +81,8 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         name = args.name or default_run_name(args.config, cfg["seed"])
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
-              argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite)
+              argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite,
+              debug_dump=args.debug_dump)
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + int(exc.signum)
@@ -193,7 +195,7 @@ def run_eval(args, overrides: list[str]):
     import torch
 
     from s4mc.data import build_val_dataset
-    from s4mc.engine.loop import resolve_amp
+    from s4mc.runtime import resolve_amp
     from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
 
     cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
@@ -235,7 +237,7 @@ def run_eval(args, overrides: list[str]):
 
 def run_predict(args, overrides: list[str]):
     """eval.py --images: predictions for a folder of unlabeled images (s4mc.predict)."""
-    from s4mc.engine.loop import resolve_amp
+    from s4mc.runtime import resolve_amp
     from s4mc.evaluation import configured_inference
     from s4mc.predict import predict_folder
 

@@ -38,17 +38,22 @@ class Key:
     types: tuple = ()
     choices: tuple | None = None
     path: bool = False  # resolve relative to the path base
+    low: float | None = None  # inclusive bounds of a number, checked with the type
+    high: float | None = None
 
 
-def _k(default, *types, choices=None, path=False):
+def _k(default, *types, choices=None, path=False, low=None, high=None):
     if not types:
         types = (type(default),)
-    return Key(default, types, tuple(choices) if choices else None, path)
+    return Key(default, types, tuple(choices) if choices else None, path, low, high)
 
 
 NUM = (int, float)
 NONE = type(None)
 LIST = (list,)
+
+# Stands for `trainer.terms`, whose keys are term names and whose schemas come from s4mc.terms.
+TERMS_BLOCK = object()
 
 # Blocks whose absence means "off" (the release switches them on by presence).
 OPTIONAL_BLOCKS = {("trainer", "contrastive"), ("net", "aux_loss")}
@@ -112,6 +117,8 @@ SCHEMA: dict = {
         "image_every": _k(500, int),
         "max_iters": _k(None, int, NONE),
         "mode": _k("semi", str, choices=("semi", "sup")),
+        # The training method, a name in s4mc.methods.METHODS (checked once that registry is known).
+        "method": _k("mean_teacher", str),
         # With mode: sup, an epoch is one pass over the labeled list (U2PL's train_sup), or as many
         # iterations as a semi-supervised epoch (the labeled list repeated to the unlabeled list's
         # length, as the semi loop does): the same budget and schedule, for a fair comparison.
@@ -139,10 +146,10 @@ SCHEMA: dict = {
             "kwargs": {"power": _k(0.9, *NUM)},
         },
         "unsupervised": {
-            "keep_percent": _k(60.0, *NUM),
+            "keep_percent": _k(60.0, *NUM, low=0, high=100),
             "keep_schedule": _k("epoch", str, choices=("epoch", "iteration")),
             "mixing": _k("cutmix", str, choices=("cutmix", "classmix", "cutout", "none")),
-            "mix_prob": _k(0.5, *NUM),
+            "mix_prob": _k(0.5, *NUM, low=0, high=1),
             # The release flipped one coin per step for the whole batch; "sample" flips one per image.
             "mix_gate": _k("batch", str, choices=("batch", "sample")),
             "refine": _k(True, bool),
@@ -153,19 +160,31 @@ SCHEMA: dict = {
             "unsup_weight": _k(1.0, *NUM),
             "strong_aug": _k(False, bool),
         },
+        # trainer.method: unimatch (s4mc/methods/unimatch.py). Defaults are the UniMatch paper's.
+        "unimatch": {
+            "ema": _k(False, bool),  # false: the student makes its own pseudo-labels, as UniMatch does
+            "fp": _k(True, bool),  # the feature-perturbation branch
+            "fp_dropout": _k(0.5, *NUM, low=0, high=0.99),
+            "weight_strong": _k(0.25, *NUM, low=0),  # each of the two strong views
+            "weight_fp": _k(0.5, *NUM, low=0),
+            "threshold": _k(0.95, *NUM, low=0, high=1),  # fixed confidence threshold, used when unsupervised.refine is false
+        },
+        # Additive loss terms other than the contrastive one: trainer.terms.<name>, each validated by
+        # the schema its s4mc.terms registration gives.
+        "terms": TERMS_BLOCK,
         "contrastive": {
-            "loss_weight": _k(1.0, *NUM),
+            "loss_weight": _k(1.0, *NUM, low=0),
             "negative_high_entropy": _k(True, bool),
-            "low_rank": _k(3, int),
-            "high_rank": _k(20, int),
-            "current_class_threshold": _k(0.3, *NUM),
-            "current_class_negative_threshold": _k(1.0, *NUM),
-            "unsupervised_entropy_ignore": _k(80.0, *NUM),
-            "low_entropy_threshold": _k(20.0, *NUM),
-            "num_negatives": _k(50, int),
-            "num_queries": _k(256, int),
-            "temperature": _k(0.5, *NUM),
-            "memory_capacity": _k(30000, int),
+            "low_rank": _k(3, int, low=1),
+            "high_rank": _k(20, int, low=2),  # and above low_rank (_check_semantics)
+            "current_class_threshold": _k(0.3, *NUM, low=0, high=1),
+            "current_class_negative_threshold": _k(1.0, *NUM, low=0, high=1),
+            "unsupervised_entropy_ignore": _k(80.0, *NUM, low=0, high=100),
+            "low_entropy_threshold": _k(20.0, *NUM, low=0, high=100),
+            "num_negatives": _k(50, int, low=1),
+            "num_queries": _k(256, int, low=1),
+            "temperature": _k(0.5, *NUM, low=1e-12),  # > 0
+            "memory_capacity": _k(30000, int, low=1),
             # true: the term as the release computed it, U2PL's four bugs included (s4mc/contrastive.py).
             "release_exact": _k(False, bool),
         },
@@ -297,6 +316,10 @@ def _suggest(dotted: str) -> str:
 def _schema_at(dotted: str):
     node: Any = SCHEMA
     for part in dotted.split("."):
+        if node is TERMS_BLOCK:
+            from s4mc.terms import TERMS
+
+            node = {name: spec.schema for name, spec in TERMS.items()}
         if not isinstance(node, dict) or part not in node:
             return None
         node = node[part]
@@ -362,6 +385,9 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
     for key, sub in schema.items():
         dotted = prefix + key
         present = key in raw
+        if sub is TERMS_BLOCK:
+            result[key] = _merge_terms(raw.get(key), where, dotted, ignored)
+            continue
         if isinstance(sub, dict):
             value = raw.get(key)
             optional = tuple(dotted.split(".")) in OPTIONAL_BLOCKS
@@ -380,6 +406,28 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
             result[key] = copy.deepcopy(sub.default)
             continue
         result[key] = _check_value(sub, raw[key], dotted, where)
+    return result
+
+
+def _merge_terms(raw, where: str, dotted: str, ignored: list[str]) -> dict:
+    """`trainer.terms`: one block per registered term, each merged with that term's own schema."""
+    from s4mc.terms import TERMS
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{dotted}' must be a mapping of term names to blocks, got {raw!r}")
+    result = {}
+    for name, block in raw.items():
+        if name not in TERMS:
+            raise ConfigError(f"{where}: unknown term '{dotted}.{name}'; registered terms: {', '.join(sorted(TERMS))}")
+        if block is None or block is False:
+            continue
+        if block is True:
+            block = {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: '{dotted}.{name}' must be a mapping of keys, got {block!r}")
+        result[name] = _merge(TERMS[name].schema, block, where, f"{dotted}.{name}.", ignored)
     return result
 
 
@@ -410,6 +458,10 @@ def _check_value(spec: Key, value, dotted: str, where: str):
             f"{where}: '{dotted}' = {value!r} is not one of {list(spec.choices)}"
             + _close_choice(value, spec.choices)
         )
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (spec.low is not None and not value >= spec.low) or (spec.high is not None and not value <= spec.high)):
+        bounds = f"[{'-inf' if spec.low is None else spec.low}, {'inf' if spec.high is None else spec.high}]"
+        raise ConfigError(f"{where}: '{dotted}' = {value!r} must lie in {bounds}")
     return value
 
 
@@ -465,7 +517,7 @@ def _apply_override(raw: dict, key: str, value, where: str) -> None:
 
 def _resolve_paths(cfg: dict, schema: dict, base: Path) -> None:
     for key, sub in schema.items():
-        if cfg.get(key) is None:
+        if cfg.get(key) is None or sub is TERMS_BLOCK:
             continue
         if isinstance(sub, dict):
             _resolve_paths(cfg[key], sub, base)
@@ -557,13 +609,23 @@ def _check_semantics(cfg: dict, where: str) -> None:
     if not 0 <= tr["sup_only_epoch"] <= tr["epochs"]:
         fail("trainer.sup_only_epoch", f"must lie in [0, trainer.epochs], got {tr['sup_only_epoch']}")
     unsup = tr["unsupervised"]
-    if not 0 <= unsup["keep_percent"] <= 100:
-        fail("trainer.unsupervised.keep_percent", f"must lie in [0, 100], got {unsup['keep_percent']}")
-    if not 0 <= unsup["mix_prob"] <= 1:
-        fail("trainer.unsupervised.mix_prob", f"must lie in [0, 1], got {unsup['mix_prob']}")
     max_k = unsup["neighborhood_size"]
     if not 1 <= unsup["num_neighbors"] <= max_k:
         fail("trainer.unsupervised.num_neighbors", f"must lie in [1, {max_k}], got {unsup['num_neighbors']}")
+    from s4mc.methods import METHODS
+    from s4mc.terms import active_terms
+
+    if tr["method"] not in METHODS:
+        fail("trainer.method", f"= {tr['method']!r} is not a registered method; one of {sorted(METHODS)}")
+    terms = active_terms(cfg)
+    if terms and not getattr(METHODS[tr["method"]], "supports_terms", True):
+        fail("trainer.method", f"= {tr['method']!r} does not take additive loss terms, but {', '.join(terms)} "
+             "is switched on; remove that block or use trainer.method: mean_teacher")
+    from s4mc.terms import TERMS
+
+    for name, block in terms.items():
+        if TERMS[name].check is not None:
+            TERMS[name].check(block, lambda key, msg, name=name: fail(f"trainer.terms.{name}.{key}", msg))
     for key in ("mean", "std"):
         if len(ds[key]) != 3:
             fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")

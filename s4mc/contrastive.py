@@ -99,7 +99,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from s4mc.errors import CheckpointError, ConfigError
+from s4mc.errors import CheckpointError
 from s4mc.percentile import masked_percentile
 
 __all__ = [
@@ -116,96 +116,47 @@ GatherFn = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------- settings
 
 
+def _default(key: str):
+    from s4mc.config import SCHEMA
+
+    return SCHEMA["trainer"]["contrastive"][key].default
+
+
 @dataclass(frozen=True)
 class ContrastiveSettings:
-    """The ``trainer.contrastive`` block. Defaults are the U2PL/S4MC release values."""
+    """The ``trainer.contrastive`` block. Its defaults (the U2PL/S4MC release values) are the
+    schema's, in s4mc/config.py: the one place they are written."""
 
-    loss_weight: float = 1.0
-    negative_high_entropy: bool = True
-    low_rank: int = 3
-    high_rank: int = 20
-    current_class_threshold: float = 0.3
-    current_class_negative_threshold: float = 1.0
-    unsupervised_entropy_ignore: float = 80.0
-    low_entropy_threshold: float = 20.0
-    num_negatives: int = 50
-    num_queries: int = 256
-    temperature: float = 0.5
-    # Not release keys. U2PL hard-coded a queue of 30000 per class and returned 0 when a
-    # batch had fewer than two classes present; these keep that behaviour by default.
-    memory_capacity: int = 30000
+    loss_weight: float = _default("loss_weight")
+    negative_high_entropy: bool = _default("negative_high_entropy")
+    low_rank: int = _default("low_rank")
+    high_rank: int = _default("high_rank")
+    current_class_threshold: float = _default("current_class_threshold")
+    current_class_negative_threshold: float = _default("current_class_negative_threshold")
+    unsupervised_entropy_ignore: float = _default("unsupervised_entropy_ignore")
+    low_entropy_threshold: float = _default("low_entropy_threshold")
+    num_negatives: int = _default("num_negatives")
+    num_queries: int = _default("num_queries")
+    temperature: float = _default("temperature")
+    # U2PL hard-coded a queue of 30000 per class (memory_capacity) and returned 0 when a batch had
+    # fewer than two classes present (min_present_classes, not a config key).
+    memory_capacity: int = _default("memory_capacity")
     min_present_classes: int = 2
     ignore_index: int = 255
     # True: the four U2PL bugs the release computed with (module docstring) are kept.
-    release_exact: bool = False
-
-    # Release ablation switches we do not implement; they are accepted only when off, so
-    # a U2PL YAML that spells them out as false still loads.
-    _UNIMPLEMENTED_FLAGS = ("binary", "anchor_ema")
+    release_exact: bool = _default("release_exact")
 
     @classmethod
-    def from_config(cls, d: Optional[Mapping[str, Any]], *, where: str = "trainer.contrastive") -> "ContrastiveSettings":
-        """Build the settings from a config dict (missing keys take the defaults).
+    def from_config(cls, block: Optional[Mapping[str, Any]]) -> "ContrastiveSettings":
+        """The settings of a validated `trainer.contrastive` block (None: all defaults).
 
-        Raises ConfigError, naming the key, for unknown keys, wrong types or values out of range.
+        s4mc/config.py's schema owns the keys' defaults, types and bounds; this only carries
+        the values over.
         """
-        if d is None:
+        if block is None:
             return cls()
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in cls._UNIMPLEMENTED_FLAGS:
-                if value:
-                    raise ConfigError(f"{where}.{key}={value!r}: this U2PL ablation is not implemented; set it to false or remove it")
-                continue
-            if key not in fields:
-                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
-            default = fields[key].default
-            # bool is checked before int because bool is a subclass of int in Python.
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{where}.{key}={value!r}: expected true/false")
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    if isinstance(value, float) and value.is_integer():
-                        value = int(value)
-                    else:
-                        raise ConfigError(f"{where}.{key}={value!r}: expected an integer")
-            elif isinstance(default, float):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"{where}.{key}={value!r}: expected a number")
-                value = float(value)
-            kwargs[key] = value
-        settings = cls(**kwargs)
-        settings._validate(where)
-        return settings
-
-    def _validate(self, where: str) -> None:
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{where}.{key}={getattr(self, key)!r}: {why}")
-
-        if self.low_rank < 1:
-            raise bad("low_rank", "must be >= 1")
-        if self.high_rank <= self.low_rank:
-            raise bad("high_rank", f"must be greater than low_rank ({self.low_rank})")
-        for key in ("num_negatives", "num_queries", "memory_capacity"):
-            if getattr(self, key) < 1:
-                raise bad(key, "must be >= 1")
-        if self.min_present_classes < 1:
-            raise bad("min_present_classes", "must be >= 1")
-        if not self.temperature > 0:
-            raise bad("temperature", "must be > 0")
-        for key in ("low_entropy_threshold", "unsupervised_entropy_ignore"):
-            if not 0.0 <= getattr(self, key) <= 100.0:
-                raise bad(key, "must be a percentile in [0, 100]")
-        if not 0.0 <= self.current_class_threshold <= 1.0:
-            raise bad("current_class_threshold", "must be a probability in [0, 1]")
-        if not 0.0 <= self.current_class_negative_threshold <= 1.0:
-            raise bad("current_class_negative_threshold", "must be a probability in [0, 1]")
-        if not math.isfinite(self.loss_weight) or self.loss_weight < 0:
-            raise bad("loss_weight", "must be a finite number >= 0")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in block.items() if key in fields})
 
     def ranks_for(self, num_classes: int) -> tuple[int, int, int]:
         """Effective ``(labeled_low_rank, unlabeled_low_rank, high_rank)`` for C classes.

@@ -81,14 +81,6 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def _floating_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
     return [b for b in module.buffers() if b.is_floating_point()]
 

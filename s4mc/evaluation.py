@@ -481,7 +481,6 @@ def evaluate(
     distributed: bool | None = None,
     amp_dtype: torch.dtype | None = None,
     pad_label: int | None = None,
-    save_refined: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on every batch of ``loader``; see the module docstring.
 
@@ -499,7 +498,7 @@ def evaluate(
         confusion matrices; default when torch.distributed is initialised with more
         than one rank (each rank must then pass its own shard, see build_val_loader).
     save_fn(id, pred_hw, image_chw): called per image with the prediction (uint8 when
-        C <= 256; refined one when save_refined) and the (cropped, still normalised)
+        C <= 256) and the (cropped, still normalised)
         input image on the CPU.
     amp_dtype: run the model under autocast with this dtype; scoring stays float32.
     pad_label: label for center_crop padding; default ignore_index (U2PL used 0).
@@ -563,15 +562,13 @@ def evaluate(
                 )
             pred = prob.argmax(dim=1)
             conf += confusion_matrix(pred, label, num_classes, ignore_index, ids)
-            pred_ref = None
             if refine_fn is not None:
                 pred_ref = refine_fn(prob).float().argmax(dim=1)
                 conf_ref += confusion_matrix(pred_ref, label, num_classes, ignore_index, ids)
             if save_fn is not None:
-                chosen = pred_ref if (save_refined and pred_ref is not None) else pred
                 image_cpu = image.detach().cpu()
                 for b, image_id in enumerate(ids):
-                    save_fn(image_id, _to_save(chosen[b], num_classes), image_cpu[b])
+                    save_fn(image_id, _to_save(pred[b], num_classes), image_cpu[b])
             num_images += image.shape[0]
     finally:
         model.train(was_training)

@@ -238,6 +238,8 @@ def study_row(cfg: dict) -> str:
     unsup = cfg["trainer"]["unsupervised"]
     if cfg["trainer"]["mode"] == "sup":
         return "supervised"
+    if cfg["trainer"]["method"] != "mean_teacher":  # another method's rows: <method>, s4mc_<method>
+        return ("s4mc_" if unsup["refine"] else "") + cfg["trainer"]["method"]
     if not unsup["refine"]:
         return "cutmix_seg"
     return "s4mc_psi" if unsup["strong_aug"] else "s4mc"

@@ -11,6 +11,7 @@ Nothing here copies a map to the host or calls `.item()`: on CUDA every statisti
 a 0-dim device tensor, so a training step never waits on the GPU for bookkeeping.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,11 @@ _NEIGHBOUR_OFFSETS = {
 }
 
 
-def _check_indicator(indicator):
-    if indicator not in INDICATORS:
-        raise ConfigError(f"unknown indicator {indicator!r}; expected one of {', '.join(INDICATORS)}")
-
-
 def indicator_map(prob, indicator="margin"):
-    """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (docs/method.md steps 5 and 7)."""
-    _check_indicator(indicator)
+    """Per-pixel indicator [B,H,W] of probabilities [B,C,H,W] (docs/method.md steps 5 and 7).
+
+    `indicator` is one of INDICATORS; the config schema checks it, like every setting here.
+    """
     if indicator == "margin":
         if prob.shape[1] < 2:
             raise ValueError(f"the margin indicator needs at least 2 classes, got shape {tuple(prob.shape)}")
@@ -60,8 +58,6 @@ def threshold(indicator_map, valid, percent):
     if indicator_map.shape != valid.shape:
         raise ValueError(f"indicator map {tuple(indicator_map.shape)} and valid mask "
                          f"{tuple(valid.shape)} differ in shape")
-    if not 0.0 <= float(percent) <= 100.0:
-        raise ValueError(f"percentile must lie in [0, 100], got {percent!r}")
     return masked_percentile(indicator_map, valid, percent)
 
 
@@ -82,10 +78,6 @@ def refine(prob, neighbors=4, k=1, prior=None):
     folded in descending order: p <- p + beta*q - beta*max(p*q, p*E), E the per-class
     prior [C] (None: 0). The result is not renormalised. Computed in at least fp32.
     """
-    if neighbors not in _NEIGHBOUR_OFFSETS:
-        raise ConfigError(f"neighbors must be 4 or 8, got {neighbors!r}")
-    if not isinstance(k, int) or not 1 <= k <= neighbors:
-        raise ConfigError(f"k (num_neighbors) must be an integer in [1, {neighbors}], got {k!r}")
     if prob.dim() != 4:
         raise ValueError(f"prob must be [B,C,H,W], got shape {tuple(prob.shape)}")
     p = prob.detach()
@@ -154,15 +146,12 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
     pixel's class is always its pseudo-label. `maps` replaces `indicator_maps` (the training
     step passes a torch.compile'd one under `trainer.compile`).
     """
-    _check_indicator(indicator)
     if teacher_logits.dim() != 4 or pseudo_label.shape != teacher_logits.shape[:1] + teacher_logits.shape[2:]:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match pseudo-label "
                          f"{tuple(pseudo_label.shape)}; expected [B,C,H,W] and [B,H,W]")
     if ground_truth is not None and ground_truth.shape != pseudo_label.shape:
         raise ValueError(f"ground truth {tuple(ground_truth.shape)} does not match pseudo-label "
                          f"{tuple(pseudo_label.shape)}")
-    if not 0.0 <= float(keep_percent) <= 100.0:
-        raise ConfigError(f"keep_percent must lie in [0, 100], got {keep_percent!r}")
     pseudo_label = pseudo_label.long()
     with torch.no_grad(), torch.autocast(teacher_logits.device.type, enabled=False):
         maps = indicator_maps if maps is None else maps
@@ -170,10 +159,10 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
         valid = pseudo_label != ignore_index
         percent = keep_percent if indicator == "entropy" else 100.0 - keep_percent
         gamma = threshold(raw, valid, percent)
-        keep_raw = valid & _reliable(raw, gamma, indicator)
-        keep = valid & _reliable(refined, gamma, indicator) if refine else keep_raw
-        target = pseudo_label.masked_fill(~keep, ignore_index)
-        stats = pseudo_label_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, ignore_index)
+        keep_mask_unrefined = valid & _reliable(raw, gamma, indicator)
+        keep_mask = valid & _reliable(refined, gamma, indicator) if refine else keep_mask_unrefined
+        target = pseudo_label.masked_fill(~keep_mask, ignore_index)
+        stats = pseudo_label_diagnostics(valid, keep_mask, keep_mask_unrefined, pseudo_label, ground_truth, ignore_index)
     return target, {"threshold": gamma, **stats}
 
 
@@ -184,7 +173,8 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
 
     Gradients reach only `student_logits`. The CE is computed in fp32 whatever the input
     dtype; with nothing kept the loss is an exact 0 that still backpropagates (zeros).
-    Returns (loss, stats) where stats are detached 0-dim tensors (see `pseudo_label_target`).
+    Returns (loss, target, stats): the masked target, and stats as detached 0-dim tensors
+    (see `pseudo_label_target`).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -196,4 +186,54 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
         ce_sum = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
         kept = (target != ignore_index).sum().clamp(min=1).float()
         loss = (ce_sum / kept) * (target.numel() / kept)
-    return loss, stats
+    return loss, target, stats
+
+
+@dataclass(frozen=True)
+class S4MCSettings:
+    """The S4MC part of `trainer.unsupervised`, read once from the validated config.
+
+    Every training method that masks pseudo-labels the S4MC way goes through `loss`, so the
+    keywords of `pseudo_label_loss` are spelled out in one place.
+    """
+
+    indicator: str
+    neighborhood_size: int
+    num_neighbors: int
+    refine: bool
+    keep_percent: float  # kappa_0, where the schedule starts
+    keep_schedule: str  # "epoch" (the release) or "iteration"
+    epochs: int
+    ignore_index: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "S4MCSettings":
+        unsup = cfg["trainer"]["unsupervised"]
+        return cls(indicator=unsup["indicator"], neighborhood_size=unsup["neighborhood_size"],
+                   num_neighbors=unsup["num_neighbors"], refine=unsup["refine"],
+                   keep_percent=unsup["keep_percent"], keep_schedule=unsup["keep_schedule"],
+                   epochs=cfg["trainer"]["epochs"], ignore_index=cfg["dataset"]["ignore_index"])
+
+    def keep_percent_at(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
+        """kappa for this step; `iteration` is the global count."""
+        from s4mc.engine.schedule import keep_percent_at
+
+        if self.keep_schedule == "iteration":
+            return keep_percent_at(epoch, self.epochs, self.keep_percent,
+                                   iteration=iteration % iters_per_epoch, iters_per_epoch=iters_per_epoch)
+        return keep_percent_at(epoch, self.epochs, self.keep_percent)
+
+    def _keywords(self) -> dict:
+        return dict(indicator=self.indicator, neighbors=self.neighborhood_size, k=self.num_neighbors,
+                    refine=self.refine, ignore_index=self.ignore_index)
+
+    def loss(self, student_logits, teacher_logits, pseudo_label, keep_percent, *, prior=None,
+             ground_truth=None, maps=None):
+        """`pseudo_label_loss` with these settings: (loss, target, stats)."""
+        return pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent, prior=prior,
+                                 ground_truth=ground_truth, maps=maps, **self._keywords())
+
+    def target(self, teacher_logits, pseudo_label, keep_percent, *, prior=None, ground_truth=None, maps=None):
+        """`pseudo_label_target` with these settings: (target, stats)."""
+        return pseudo_label_target(teacher_logits, pseudo_label, keep_percent, prior=prior,
+                                   ground_truth=ground_truth, maps=maps, **self._keywords())

@@ -22,7 +22,6 @@ __all__ = [
     "cityscapes_palette",
     "generate_palette",
     "as_palette",
-    "denormalize",
     "save_prediction",
 ]
 
@@ -86,23 +85,6 @@ def as_palette(palette: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def denormalize(image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Undo the loader's normalisation: float [3, H, W] (tensor or array) -> uint8 [H, W, 3].
-
-    mean/std are on the 0-255 scale (the config's convention), so x * std + mean is
-    already a pixel value.
-    """
-    if hasattr(image, "detach"):
-        image = image.detach().float().cpu().numpy()
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise DataError(f"denormalize expects an image [3, H, W], got shape {image.shape}")
-    mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-    std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    out = image * std_a + mean_a
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-
-
 def _to_index_map(pred) -> np.ndarray:
     if hasattr(pred, "detach"):
         pred = pred.detach().cpu().numpy()
@@ -136,7 +118,7 @@ def save_prediction(
         ``np.array(Image.open(path))`` gives the prediction back).
     pred_hw_uint8: label map [H, W] (numpy or tensor), values in 0..255.
     palette: [n, 3] colours; indices past n are drawn black (PIL pads with zeros).
-    image: optional uint8 [H, W, 3] array (see ``denormalize``) or PIL image of the
+    image: optional uint8 [H, W, 3] array or PIL image of the
         same size; when given, ``<stem>_overlay.png`` (or overlay_path) is written
         as (1 - alpha) * image + alpha * colour.
     Returns the paths written. Parent folders are created.

@@ -183,7 +183,9 @@ def test_comparison_line_reads_the_study(tmp_path, toy_root, toy_cfg):
     assert "S4MC 66.50 ± 0.50" in line and "+9.04 over supervised only" in line and "seeds 0 1 2" in line
     assert "cannot read the study" in comparison_line(tmp_path / "missing.json", 0.5, "s4mc")
     rows = {"supervised": {"trainer.mode": "sup"}, "cutmix_seg": {"trainer.unsupervised.refine": False},
-            "s4mc_psi": {"trainer.unsupervised.strong_aug": True}, "s4mc": {}}
+            "s4mc_psi": {"trainer.unsupervised.strong_aug": True}, "s4mc": {},
+            "unimatch": {"trainer.method": "unimatch", "trainer.unsupervised.refine": False},
+            "s4mc_unimatch": {"trainer.method": "unimatch"}}
     for row, overrides in rows.items():
         assert study_row(toy_cfg(toy_root, tmp_path, **overrides)) == row
 

@@ -84,11 +84,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, toy_cfg, 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 2, "trainer.log_every": 1})
     calls = {"n": 0}
 
-    def poisoned(state, labeled, unlabeled, cfg, partner=None):
+    def poisoned(state, labeled, unlabeled, cfg):
         calls["n"] += 1
         if calls["n"] == 4:
             labeled = dict(labeled, image=torch.full_like(labeled["image"], float("nan")))
-        return train_step(state, labeled, unlabeled, cfg, partner)
+        return train_step(state, labeled, unlabeled, cfg)
 
     monkeypatch.setattr(loop_mod, "train_step", poisoned)
     with pytest.raises(loop_mod.TrainingDiverged, match="non-finite at iteration 3"):
@@ -235,9 +235,9 @@ def test_torchrun_two_processes_gloo(toy_root, tmp_path):
     data["trainer"].update({"epochs": 1, "sup_only_epoch": 0, "max_iters": 3, "log_every": 1})
     data["net"]["encoder"]["kwargs"]["width"] = 8
     cfg_path.write_text(yaml.safe_dump(data))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), S4MC_DEBUG_DUMP="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "train_semi.py"), "--config", str(cfg_path), "--name", "ddp", "--device", "cpu"]
+           str(REPO / "train_semi.py"), "--config", str(cfg_path), "--name", "ddp", "--device", "cpu", "--debug-dump"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
@@ -265,11 +265,11 @@ def test_a_raw_keyboard_interrupt_saves_nothing_mid_step(toy_root, toy_cfg, tmp_
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 1})
     calls = {"n": 0}
 
-    def interrupted(state, labeled, unlabeled, cfg, partner=None):
+    def interrupted(state, labeled, unlabeled, cfg):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return train_step(state, labeled, unlabeled, cfg, partner)
+        return train_step(state, labeled, unlabeled, cfg)
 
     monkeypatch.setattr(loop_mod, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):

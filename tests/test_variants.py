@@ -55,20 +55,20 @@ def test_contrastive_memory_survives_resume(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **over, **{"trainer.max_iters": 2})
     loop.train(cfg, name="bank")
     ckpt = torch.load(tmp_path / "bank" / "checkpoints" / "latest.pth", weights_only=True)
-    saved = ckpt["memory_state"]
+    saved = ckpt["term_states"]["contrastive"]
     assert saved is not None
     state = loop.build_state(cfg, DistInfo(), iters_per_epoch=8)
-    before = [state.memory.size(c) for c in range(6)]
+    before = [state.terms["contrastive"].memory.size(c) for c in range(6)]
     from s4mc.engine import checkpoint
 
     checkpoint.restore(state, ckpt, "latest.pth")
-    after = [state.memory.size(c) for c in range(6)]
+    after = [state.terms["contrastive"].memory.size(c) for c in range(6)]
     assert sum(before) == 0 and sum(after) > 0
     for c in range(6):
         if after[c]:
-            ref = loop.build_state(cfg, DistInfo(), iters_per_epoch=8).memory
+            ref = loop.build_state(cfg, DistInfo(), iters_per_epoch=8).terms["contrastive"].memory
             ref.load_state_dict(saved)
-            assert torch.equal(state.memory.features(c), ref.features(c))
+            assert torch.equal(state.terms["contrastive"].memory.features(c), ref.features(c))
 
 
 def test_linear_lr_scaling(toy_root, toy_cfg, tmp_path):

@@ -202,11 +202,6 @@ def build_samples(dataset_type: str, root: str | os.PathLike, split: str | os.Pa
     return samples
 
 
-def missing_files(samples: Sequence[Sample]) -> list[str]:
-    """Image paths that do not exist (used by `splits check`, which reports all of them)."""
-    return [s.image for s in samples if not os.path.isfile(s.image)]
-
-
 # ---------------------------------------------------------------------------
 # decoding and checks
 # ---------------------------------------------------------------------------

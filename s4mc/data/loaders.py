@@ -135,7 +135,7 @@ def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
     )
 
 
-def _train_transform(cfg: dict, strong: bool) -> TrainTransform:
+def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
     crop = _get(cfg, "dataset.train.crop", {}) or {}
     size = crop.get("size", [513, 513])
     if isinstance(size, int):
@@ -147,7 +147,8 @@ def _train_transform(cfg: dict, strong: bool) -> TrainTransform:
         mean=_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),
         std=_get(cfg, "dataset.std", [58.395, 57.12, 57.375]),
         pad_label=int(crop.get("pad_label", _get(cfg, "dataset.ignore_index", 255))),
-        strong=StrongPhotometric.from_cfg(_get(cfg, "dataset.train.strong_aug")) if strong else None,
+        strong=StrongPhotometric.from_cfg(_get(cfg, "dataset.train.strong_aug")) if strong_views else None,
+        strong_views=max(strong_views, 1),
     )
 
 
@@ -158,7 +159,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     root_key = "dataset.train.data_root"
     _maybe_make_toy(cfg, root, root_key)
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
-    weak = _train_transform(cfg, strong=False)
+    weak = _train_transform(cfg, strong_views=0)
     labeled_samples = _samples(cfg, root, labeled_list, True, root_key)
     n_sup = _get(cfg, "dataset.n_sup")
     if n_sup is not None and n_sup != len(labeled_samples):
@@ -172,11 +173,19 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     if labeled_only:
         return labeled, None
     unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
-    strong = bool(_get(cfg, "trainer.unsupervised.strong_aug", False))
+    strong = _strong_views(cfg)
     unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
-                                    transform=_train_transform(cfg, strong=strong) if strong else weak)
+                                    transform=_train_transform(cfg, strong_views=strong) if strong else weak)
     return labeled, unlabeled
+
+
+def _strong_views(cfg: dict) -> int:
+    """How many strong views of each unlabeled image the training method asks for."""
+    from s4mc.methods import METHODS
+
+    method = METHODS.get(_get(cfg, "trainer.method", "mean_teacher"))
+    return method.strong_views(cfg) if method is not None else 0
 
 
 def _stream_seed(seed: int, rank: int, stream: int) -> int:

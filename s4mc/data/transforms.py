@@ -149,18 +149,20 @@ class TrainTransform:
     """Random rescale in [a, b] -> random crop (pad when smaller) -> horizontal flip ->
     normalise; optionally a photometric strong view with the same geometry.
 
-    Returns {"image": float[3,ch,cw], "label": long[ch,cw]} (+ "image_strong").
+    Returns {"image": float[3,ch,cw], "label": long[ch,cw]} (+ "image_strong", and "image_strong_2"
+    with `strong_views=2`: two independent draws of the strong augmentation, as UniMatch uses).
     """
 
     def __init__(self, *, crop_size: Sequence[int] | None, scale_range: Sequence[float] | None = (0.5, 2.0),
                  flip: bool = True, mean=DEFAULT_MEAN, std=DEFAULT_STD, pad_label: int = 255,
-                 strong: StrongPhotometric | None = None):
+                 strong: StrongPhotometric | None = None, strong_views: int = 1):
         self.crop = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         self.flip = bool(flip)
         self.normalize = Normalize(mean, std)
         self.pad_label = int(pad_label)
         self.strong = strong
+        self.strong_views = strong_views
 
     def geometry(self, image: np.ndarray, label: np.ndarray):
         """The random geometric part, on uint8 arrays; returns the (unpadded) crop."""
@@ -200,6 +202,8 @@ class TrainTransform:
         out = {"image": self._to_canvas(image, H, W), "label": lab}
         if self.strong is not None:
             out["image_strong"] = self._to_canvas(self.strong(image), H, W)
+            if self.strong_views == 2:
+                out["image_strong_2"] = self._to_canvas(self.strong(image), H, W)
         return out
 
 

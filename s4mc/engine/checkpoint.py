@@ -2,7 +2,7 @@
 
 A file holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch` and
 `best_miou` like the release's, plus what an exact resume needs: `iteration`,
-`semi_start`, `scaler_state`, `memory_state` and one RNG snapshot per rank, `evaluated_weights`
+`semi_start`, `scaler_state`, `term_states` (each loss term's state by name) and one RNG snapshot per rank, `evaluated_weights`
 (which of the two models the run's evaluation used, eval.py's default), the resolved `config`,
 the logged `history` and, with several processes, each rank's own BN statistics (`rank_buffers`:
 the model states hold their mean over ranks, the model that was evaluated).
@@ -75,7 +75,7 @@ def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool, config: 
         "evaluated_weights": "teacher" if state.semi_start is not None else "student",
         "optimizer_state": state.optimizer.state_dict(),
         "scaler_state": state.scaler.state_dict() if state.scaler is not None else None,
-        "memory_state": state.memory.state_dict() if state.memory is not None else None,
+        "term_states": {name: term.state_dict() for name, term in state.terms.items()},
         # `epoch` is the next epoch to run when the epoch is done, as U2PL's resume expects.
         "epoch": epoch + 1 if epoch_done else epoch,
         "iteration": state.iteration,
@@ -174,8 +174,10 @@ def restore(state: TrainState, ckpt: dict, path: str) -> None:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
     if state.scaler is not None and ckpt.get("scaler_state"):
         state.scaler.load_state_dict(ckpt["scaler_state"])
-    if state.memory is not None and ckpt.get("memory_state") is not None:
-        state.memory.load_state_dict(ckpt["memory_state"])
+    saved_terms = ckpt.get("term_states") or {}
+    for name, term in state.terms.items():
+        if name in saved_terms:
+            term.load_state_dict(saved_terms[name])
     state.epoch = int(ckpt["epoch"])
     state.iteration = int(ckpt.get("iteration", state.epoch * state.iters_per_epoch))
     state.semi_start = ckpt.get("semi_start")

@@ -6,57 +6,36 @@ import copy
 import itertools
 import json
 import os
-import platform
-import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from s4mc import __version__, method
-from s4mc.config import dump_config
+from s4mc import method
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
+from s4mc.engine.batches import build_partner_loader, epoch_batches
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
+from s4mc.methods import build_method
+from s4mc.runtime import resolve_amp, seed_everything, write_run_info
+from s4mc.terms import build_terms, needs_rep
 from s4mc.logs import (MetricsLog, Progress, attach_log_file, comparison_line, detach_log_file, format_duration, log,
                        log_fatal_to_file, log_visuals, open_writer, setup_logging, study_row)
 from s4mc.toy_pretrain import ensure_pretrained_encoder
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 class TrainingDiverged(S4MCError):
     """The loss or the model became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 # --------------------------------------------------------------------------- set-up helpers
-def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
-    # Ranks get different streams (dropout, augmentation) but each follows the run seed.
-    torch.manual_seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    random.seed(seed + rank)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[setting]
-
-
 def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_scaler: bool = False) -> torch.optim.Optimizer:
     """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (docs/method.md step 10)."""
     tr = cfg["trainer"]
@@ -100,32 +79,6 @@ def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
     decoder.representation.requires_grad_(enabled)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_run_info(run_dir: Path, cfg: dict, dist: DistInfo, argv: list[str]) -> None:
-    dump_config(cfg, run_dir / "config.yaml")
-    info = {
-        "s4mc_version": __version__,
-        "git_commit": git_commit(),
-        "argv": argv,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-        "world_size": dist.world_size,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
-
-
 # --------------------------------------------------------------------------- the run
 def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     """Student, teacher, optimizer and the rest, placed on the device."""
@@ -137,7 +90,7 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     if cfg["saver"]["pretrain"]:
         load_checkpoint(student, cfg["saver"]["pretrain"], which="student")
         log.info("initialised the student from %s", cfg["saver"]["pretrain"])
-    set_rep_output(student, cfg["trainer"]["contrastive"] is not None)
+    set_rep_output(student, needs_rep(cfg))
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -174,18 +127,14 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     scaler = torch.amp.GradScaler(dist.device.type) if amp_dtype == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + dist.rank)
     prior = resolve_prior(tr["unsupervised"]["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
-    memory = settings = None
-    if tr["contrastive"] is not None:
-        from s4mc.engine.contrastive_term import build_memory
-
-        memory, settings = build_memory(cfg, dist.device)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = tr["cudnn_benchmark"] and not tr["deterministic"]
     return TrainState(
         student=wrapped, teacher=teacher, optimizer=optimizer, device=dist.device,
         max_iters=tr["epochs"] * iters_per_epoch, iters_per_epoch=iters_per_epoch, generator=generator,
         amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last,
-        prior=prior.to(dist.device) if prior is not None else None, memory=memory, contrastive=settings,
+        prior=prior.to(dist.device) if prior is not None else None, method=build_method(cfg),
+        terms=build_terms(cfg, dist.device),
         dist=dist, student_forward=student_forward, teacher_forward=teacher_forward, indicator_maps=indicator_maps,
     )
 
@@ -250,12 +199,16 @@ def _clear_outputs(run_dir: Path, ckpt_dir: Path) -> None:
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
-          local_rank: int | None = None, argv: list[str] | None = None, overwrite: bool = False) -> dict:
+          local_rank: int | None = None, argv: list[str] | None = None, overwrite: bool = False,
+          debug_dump: bool = False) -> dict:
     """Run training as configured; returns the final evaluation as a JSON-able dict.
 
     The run directory is only written once everything is built and a resume checkpoint has
     loaded, so a start that fails leaves no trace. Checkpoints of an earlier run are never
-    replaced unless `resume` continues that run or `overwrite` is given.
+    replaced unless `resume` continues that run or `overwrite` is given. `debug_dump` (a test
+    hook) makes every rank write its parameters and last local and reduced metrics to
+    debug_rank<R>.pt in the run directory, so a test can check that DDP kept the ranks identical
+    and that logged metrics are rank means.
     """
     from s4mc.data import build_train_loaders, build_val_dataset, dataset_info
     from s4mc.evaluation import build_val_loader, format_table
@@ -282,12 +235,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
                                   labeled_only=sup_only)
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
-    partner_loader = None
-    if not sup_only and cfg["dataset"]["batch_size"] == 1 and tr["unsupervised"]["mixing"] in ("cutmix", "classmix"):
-        # A per-GPU batch of 1 has nobody to mix with: draw partners from a second,
-        # differently shuffled pass over the unlabeled set.
-        partner_loader = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size,
-                                             seed=cfg["seed"] + 7919).unlabeled
+    partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
     main_loader = labeled_loader if sup_only else unlabeled_loader
     iters_per_epoch = len(main_loader)
     if iters_per_epoch == 0:
@@ -351,7 +299,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     def reduce_metrics(local: dict) -> dict:
         reduced = all_reduce_mean(local)
         state.history.append({k: float(v) for k, v in reduced.items()})
-        if os.environ.get("S4MC_DEBUG_DUMP"):
+        if debug_dump:
             debug["local_metrics"] = {k: float(v) for k, v in local.items()}
             debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
         return reduced
@@ -400,24 +348,19 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             done_in_epoch = state.iteration - epoch * iters_per_epoch
             epoch_end = (epoch + 1) * iters_per_epoch
             evaluates = val_loader is not None and ((epoch + 1) % tr["eval_every"] == 0 or epoch == tr["epochs"] - 1)
-            if sup_only:
-                batches = ((b, None, None) for b in labeled_loader)
-            elif partner_loader is not None:
-                batches = zip(labeled_loader, unlabeled_loader, partner_loader)
-            else:
-                batches = ((l, u, None) for l, u in zip(labeled_loader, unlabeled_loader))
+            batches = epoch_batches(labeled_loader, None if sup_only else unlabeled_loader, partner_loader)
             if done_in_epoch >= iters_per_epoch:
                 batches = iter(())  # stopped after the epoch's last step, before its evaluation
             elif done_in_epoch > 0:
                 # Resuming mid-epoch: replay the epoch's data stream up to where it stopped.
                 batches = itertools.islice(batches, done_in_epoch, None)
-            for labeled, unlabeled, partner in batches:
+            for labeled, unlabeled in batches:
                 next_iteration = state.iteration + 1
                 before_eval = (evaluates and next_iteration == epoch_end) or (val_loader is not None and next_iteration == stop_at)
                 # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
                     next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
-                metrics = train_step(state, labeled, unlabeled, cfg, partner)
+                metrics = train_step(state, labeled, unlabeled, cfg)
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
@@ -474,9 +417,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         if writer is not None:
             writer.flush()
 
-    if os.environ.get("S4MC_DEBUG_DUMP"):
-        # Test hook: every rank writes its own parameters and last metrics, so a test can
-        # check that DDP kept the ranks identical and that logged metrics are rank means.
+    if debug_dump:
         debug["params"] = {k: v.detach().cpu().clone() for k, v in state.student_module.named_parameters()}
         torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
     elapsed = time.perf_counter() - start_time

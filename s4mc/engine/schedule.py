@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
 
 
 def poly_lr(base_lr: float, iteration: int, max_iters: int, power: float = 0.9) -> float:
@@ -30,14 +29,8 @@ def keep_percent_at(epoch: int, epochs: int, start: float = 60.0, *, iteration: 
     The release steps it once per epoch (`epoch` counts from 0); give `iteration` and
     `iters_per_epoch` to move it smoothly within the epoch instead.
     """
-    if epochs <= 0:
-        raise ConfigError(f"epochs must be positive for the keep-percent schedule, got {epochs!r}")
-    if not 0.0 <= start <= 100.0:
-        raise ConfigError(f"keep_percent must lie in [0, 100], got {start!r}")
     progress = float(epoch)
     if iteration is not None:
-        if not iters_per_epoch or iters_per_epoch <= 0:
-            raise ConfigError(f"iters_per_epoch must be positive with iteration=, got {iters_per_epoch!r}")
         progress += iteration / iters_per_epoch
     progress = min(max(progress / epochs, 0.0), 1.0)
     return 100.0 - (100.0 - start) * (1.0 - progress)

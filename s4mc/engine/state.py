@@ -24,8 +24,8 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
     prior: torch.Tensor | None = None  # neighbour prior E_c on the device
-    memory: object | None = None  # U2PL contrastive memory bank, when that term is on
-    contrastive: object | None = None  # its validated ContrastiveSettings, parsed once
+    method: object | None = None  # the training method (s4mc.methods), built once from the config
+    terms: dict = field(default_factory=dict)  # name -> additive loss term (s4mc.terms), in config order
     dist: DistInfo = field(default_factory=DistInfo)
     epoch: int = 0
     iteration: int = 0  # global iteration count, across epochs
@@ -58,6 +58,9 @@ class TrainState:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def memory_format(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else tensor
 
     def to_device(self, tensor: torch.Tensor, image: bool = False) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)

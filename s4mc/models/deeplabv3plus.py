@@ -149,9 +149,22 @@ class SegmentationModel(nn.Module):
         # None registers no submodule, so there are no auxor.* keys, as in the release without aux.
         self.auxor = auxor
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, perturb: tuple[int, int] | None = None,
+                dropout: float = 0.5) -> dict[str, torch.Tensor]:
+        """`perturb=(start, stop)` adds UniMatch's feature-perturbation branch: the decoder also
+        sees images start..stop-1 with channel dropout on every encoder feature, in the same
+        batch (one BatchNorm batch, as UniMatch), and returns that prediction as `pred_fp`."""
         feats = self.encoder(x)
-        out = self.decoder(feats)
+        if perturb is not None:
+            start, stop = perturb
+            # Dropout2d in training mode whatever the module's mode: the perturbation is the point.
+            dropped = [F.dropout2d(f[start:stop], dropout, training=True) for f in feats]
+            both = self.decoder([torch.cat([f, d]) for f, d in zip(feats, dropped)])
+            n = x.shape[0]
+            out = {key: value[:n] for key, value in both.items()}
+            out["pred_fp"] = both["pred"][n:]
+        else:
+            out = self.decoder(feats)
         if self.auxor is not None:
             out["aux"] = self.auxor(feats[2])
         return out

@@ -1,0 +1,37 @@
+"""Where training batches are made: one (labeled, unlabeled) pair per iteration.
+
+When the method needs a partner for every unlabeled image (a per-GPU batch of 1 has nobody
+to mix with), a second, differently shuffled pass over the unlabeled set supplies it, and its
+tensors join the unlabeled batch as `partner_<key>`: the step reads one dict, and never has
+to thread a third batch through.
+"""
+
+from __future__ import annotations
+
+from s4mc.methods import method_class
+
+PARTNER_SEED_OFFSET = 7919  # the partner pass's shuffling differs from the unlabeled pass's
+
+
+def build_partner_loader(cfg: dict, rank: int, world_size: int):
+    """The partner pass, or None when the method mixes within the batch."""
+    from s4mc.data import build_train_loaders
+
+    if cfg["trainer"]["mode"] == "sup" or not method_class(cfg).needs_partner(cfg):
+        return None
+    return build_train_loaders(cfg, rank=rank, world_size=world_size, seed=cfg["seed"] + PARTNER_SEED_OFFSET).unlabeled
+
+
+def with_partner(unlabeled: dict, partner: dict) -> dict:
+    """`unlabeled` plus `partner`'s tensors under `partner_<key>`."""
+    return {**unlabeled, **{f"partner_{key}": value for key, value in partner.items()}}
+
+
+def epoch_batches(labeled_loader, unlabeled_loader=None, partner_loader=None):
+    """Iterate one epoch's (labeled, unlabeled) pairs; unlabeled is None for supervised training."""
+    if unlabeled_loader is None:
+        return ((batch, None) for batch in labeled_loader)
+    if partner_loader is None:
+        return zip(labeled_loader, unlabeled_loader)
+    return ((labeled, with_partner(unlabeled, partner))
+            for labeled, unlabeled, partner in zip(labeled_loader, unlabeled_loader, partner_loader))
