@@ -20,6 +20,7 @@ from s4mc.data.datasets import build_samples
 from s4mc.data.priors import neighbor_prior
 from s4mc.data.splits import check_split, fetch_splits, make_split, split_sums, verify_split_bytes
 from s4mc.data.transforms import EvalTransform, StrongPhotometric, TrainTransform, center_crop
+from s4mc.config import load_config
 from s4mc.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -86,8 +87,9 @@ def _cfg(dtype, root, *, labeled="splits/labeled.txt", val="splits/val.txt", num
                                    "grayscale_prob": 0.2, "blur_prob": 0.5, "blur_sigma": [0.1, 2.0]}},
           "val": {"data_root": str(root), "data_list": str(root / val)}}
     ds.update(extra_dataset)
-    return {"seed": 0, "dataset": ds, "net": {"num_classes": num_classes},
-            "trainer": {"unsupervised": {"strong_aug": strong}}}
+    # Through the schema, as every real config: the loaders read validated values, never defaults of their own.
+    return load_config(None, data={"seed": 0, "dataset": ds, "net": {"num_classes": num_classes},
+                                   "trainer": {"epochs": 1, "unsupervised": {"strong_aug": strong}}})
 
 
 # ---------------------------------------------------------------------------

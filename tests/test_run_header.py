@@ -193,6 +193,20 @@ def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):
     assert "supervised only" in text and "evaluation  off (trainer.eval_on: false)" in text
 
 
+@pytest.mark.parametrize("refine", [True, False])
+def test_unimatch_header_names_the_method(toy_root, toy_cfg, tmp_path, refine):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.method": "unimatch", "trainer.unsupervised.refine": refine,
+                                          "trainer.unimatch.fp": False, "trainer.unimatch.weight_strong": 0.5})
+    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
+                             unlabeled_images=16, val_images=5, amp_dtype=None, channels_last=False)
+    method = next(line for line in format_run_header(facts).splitlines() if line.strip().startswith("method"))
+    assert "UniMatch (single model)" in method and "weight 0.5 each" in method
+    assert "feature perturbation off" in method and "mixing" not in method
+    assert ("S4MC refinement on" in method) == refine and ("fixed confidence threshold 0.95" in method) != refine
+    assert facts["method"]["name"] == "unimatch" and facts["method"]["unimatch"]["fp"] is False
+
+
 def _readme_row(label: str) -> list[float]:
     for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

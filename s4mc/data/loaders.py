@@ -82,11 +82,11 @@ def dataset_info(cfg: dict) -> DatasetInfo:
     """Number of classes, names, palette (RGB triples) and ignore index of cfg's dataset."""
     t = _dataset_type(cfg)
     n = int(_require(cfg, "net.num_classes"))
-    ignore = int(_get(cfg, "dataset.ignore_index", 255))
+    ignore = int(cfg["dataset"]["ignore_index"])
     if not 0 <= ignore <= 255:
         raise ConfigError(f"dataset.ignore_index must be in [0, 255] (masks are 8-bit), got {ignore}")
-    names = _get(cfg, "dataset.class_names")
-    palette = _get(cfg, "dataset.palette")
+    names = cfg["dataset"]["class_names"]
+    palette = cfg["dataset"]["palette"]
     builtin_names, builtin_palette = BUILTIN.get(t, (None, None))
     if names is None:
         if builtin_names is not None and len(builtin_names) == n:
@@ -113,9 +113,9 @@ def _samples(cfg: dict, root: str, split: str, require_masks: bool, root_key: st
         raise DataError(f"{root_key}: the dataset root {root} does not exist or is not a directory")
     return build_samples(
         _dataset_type(cfg), root, split, require_masks=require_masks,
-        image_dir=_get(cfg, "dataset.image_dir"), mask_dir=_get(cfg, "dataset.mask_dir"),
-        image_suffix=_get(cfg, "dataset.image_suffix"),
-        mask_suffix=_get(cfg, "dataset.mask_suffix", ".png"))
+        image_dir=cfg["dataset"]["image_dir"], mask_dir=cfg["dataset"]["mask_dir"],
+        image_suffix=cfg["dataset"]["image_suffix"],
+        mask_suffix=cfg["dataset"]["mask_suffix"])
 
 
 def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
@@ -136,18 +136,18 @@ def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
 
 
 def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
-    crop = _get(cfg, "dataset.train.crop", {}) or {}
+    crop = cfg["dataset"]["train"]["crop"]
     size = crop.get("size", [513, 513])
     if isinstance(size, int):
         size = [size, size]
     return TrainTransform(
         crop_size=size,
-        scale_range=_get(cfg, "dataset.train.rand_resize", [0.5, 2.0]),
-        flip=bool(_get(cfg, "dataset.train.flip", True)),
-        mean=_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),
-        std=_get(cfg, "dataset.std", [58.395, 57.12, 57.375]),
-        pad_label=int(crop.get("pad_label", _get(cfg, "dataset.ignore_index", 255))),
-        strong=StrongPhotometric.from_cfg(_get(cfg, "dataset.train.strong_aug")) if strong_views else None,
+        scale_range=cfg["dataset"]["train"]["rand_resize"],
+        flip=bool(cfg["dataset"]["train"]["flip"]),
+        mean=cfg["dataset"]["mean"],
+        std=cfg["dataset"]["std"],
+        pad_label=int(crop["pad_label"]),
+        strong=StrongPhotometric.from_cfg(cfg["dataset"]["train"]["strong_aug"]) if strong_views else None,
         strong_views=max(strong_views, 1),
     )
 
@@ -161,7 +161,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong_views=0)
     labeled_samples = _samples(cfg, root, labeled_list, True, root_key)
-    n_sup = _get(cfg, "dataset.n_sup")
+    n_sup = cfg["dataset"]["n_sup"]
     if n_sup is not None and n_sup != len(labeled_samples):
         # The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
         # almost always the wrong split file, so it is an error rather than a silent resample.
@@ -172,7 +172,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
                                   ignore_index=info.ignore_index, transform=weak)
     if labeled_only:
         return labeled, None
-    unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
+    unl_list = cfg["dataset"]["train"]["unlabeled_list"] or str(default_unlabeled_list(labeled_list))
     strong = _strong_views(cfg)
     unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
@@ -184,7 +184,7 @@ def _strong_views(cfg: dict) -> int:
     """How many strong views of each unlabeled image the training method asks for."""
     from s4mc.methods import METHODS
 
-    method = METHODS.get(_get(cfg, "trainer.method", "mean_teacher"))
+    method = METHODS.get(cfg["trainer"]["method"])
     return method.strong_views(cfg) if method is not None else 0
 
 
@@ -268,12 +268,12 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
     `unlabeled` is None.
     """
     labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only)
-    bs = int(_get(cfg, "dataset.batch_size", 4))
-    workers = int(_get(cfg, "dataset.workers", 2))
-    if unlabeled is None and _get(cfg, "trainer.sup_epoch_length", "labeled") == "unlabeled":
+    bs = int(cfg["dataset"]["batch_size"])
+    workers = int(cfg["dataset"]["workers"])
+    if unlabeled is None and cfg["trainer"]["sup_epoch_length"] == "unlabeled":
         # Supervised-only at the semi-supervised budget: the labeled stream a semi run would see.
         labeled_list = str(_require(cfg, "dataset.train.data_list"))
-        unl_list = _get(cfg, "dataset.train.unlabeled_list") or str(default_unlabeled_list(labeled_list))
+        unl_list = cfg["dataset"]["train"]["unlabeled_list"] or str(default_unlabeled_list(labeled_list))
         labeled = RepeatDataset(labeled, max(len(read_split(unl_list)), len(labeled)))
     elif unlabeled is not None:
         # repeat to the unlabeled length (never shorten: a labeled list longer than
@@ -302,5 +302,5 @@ def build_val_dataset(cfg: dict) -> SegmentationDataset:
     samples = _samples(cfg, root, str(_require(cfg, "dataset.val.data_list")), True, "dataset.val.data_root")
     return SegmentationDataset(
         samples, num_classes=info.num_classes, ignore_index=info.ignore_index,
-        transform=EvalTransform(_get(cfg, "dataset.mean", [123.675, 116.28, 103.53]),
-                                _get(cfg, "dataset.std", [58.395, 57.12, 57.375])))
+        transform=EvalTransform(cfg["dataset"]["mean"],
+                                cfg["dataset"]["std"]))

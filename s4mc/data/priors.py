@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.config:
             from s4mc.config import load_config  # owned by the config module
-            from .loaders import _dataset_type, _get
+            from .loaders import _dataset_type
             cfg = load_config(a.config, [])
             dtype = _dataset_type(cfg)
             root, split = cfg["dataset"]["train"]["data_root"], cfg["dataset"]["train"]["data_list"]
-            n, ignore = int(cfg["net"]["num_classes"]), int(_get(cfg, "dataset.ignore_index", 255))
-            custom = {k: _get(cfg, f"dataset.{k}", v) for k, v in custom.items()}
+            n, ignore = int(cfg["net"]["num_classes"]), int(cfg["dataset"]["ignore_index"])
+            custom = {k: cfg["dataset"][k] for k in custom}
             if a.neighbors is None:  # the prior must match the neighbourhood the run refines with
                 a.neighbors = int(cfg["trainer"]["unsupervised"]["neighborhood_size"])
             from .loaders import _maybe_make_toy

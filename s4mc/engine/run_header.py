@@ -122,6 +122,9 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
             "max_iters": tr["max_iters"],
         },
         "method": {
+            "name": tr["method"],
+            "unimatch": dict(tr["unimatch"]) if tr["method"] == "unimatch" and not sup_only else None,
+            "terms": sorted(tr["terms"] or {}) if not sup_only else [],
             "mode": tr["mode"],
             "mixing": None if sup_only else unsup["mixing"],
             "refine": False if sup_only else unsup["refine"],
@@ -222,9 +225,20 @@ def format_run_header(facts: dict) -> str:
     else:
         refine = (f"S4MC refinement on ({m['neighborhood_size']}-neighbourhood, k {m['num_neighbors']})"
                   if m["refine"] else "refinement off (CutMix-Seg baseline)")
-        method = (f"semi-supervised, {m['indicator']} threshold, {refine}, mixing {m['mixing']}, "
-                  f"FixMatch strong view {'on' if m['strong_aug'] else 'off'}, "
-                  f"U2PL contrastive {'on' if m['contrastive'] else 'off'}")
+        if m.get("unimatch"):
+            u = m["unimatch"]
+            if not m["refine"]:
+                refine = f"fixed confidence threshold {u['threshold']:g}"
+            fp = f"feature perturbation on (weight {u['weight_fp']:g}, dropout {u['fp_dropout']:g})" if u["fp"] \
+                else "feature perturbation off"
+            method = (f"UniMatch ({'EMA teacher' if u['ema'] else 'single model'}), {refine}, two strong views "
+                      f"(weight {u['weight_strong']:g} each), {fp}")
+        else:
+            method = (f"mean teacher, semi-supervised, {m['indicator']} threshold, {refine}, mixing {m['mixing']}, "
+                      f"FixMatch strong view {'on' if m['strong_aug'] else 'off'}, "
+                      f"U2PL contrastive {'on' if m['contrastive'] else 'off'}")
+        if m.get("terms"):
+            method += f", terms: {', '.join(m['terms'])}"
 
     evals = []
     for e in facts["evaluation"]:
