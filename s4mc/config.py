@@ -129,6 +129,10 @@ SCHEMA: dict = {
         "cudnn_benchmark": _k(True, bool),
         "deterministic": _k(False, bool),
         "lr_scaling": _k("none", str, choices=("none", "linear")),
+        # Micro-batches per optimizer step: an int >= 1, or "auto" (the recipe's global batch,
+        # recipe.global_batch, over processes x dataset.batch_size). Epochs, the LR schedule and the
+        # EMA count optimizer steps, so 1 GPU with accumulate 4 follows 4 GPUs' schedule.
+        "accumulate": _k(1, int, str),
         "reference_batch": _k(16, int),
         "head_lr_mult": _k(None, *NUM, NONE),
         "optimizer": {
@@ -608,6 +612,9 @@ def _check_semantics(cfg: dict, where: str) -> None:
         fail("trainer.epochs", f"must be at least 1, got {tr['epochs']}")
     if not 0 <= tr["sup_only_epoch"] <= tr["epochs"]:
         fail("trainer.sup_only_epoch", f"must lie in [0, trainer.epochs], got {tr['sup_only_epoch']}")
+    acc = tr["accumulate"]
+    if isinstance(acc, bool) or (isinstance(acc, str) and acc != "auto") or (isinstance(acc, int) and acc < 1):
+        fail("trainer.accumulate", f"must be 'auto' or an integer >= 1, got {acc!r}")
     unsup = tr["unsupervised"]
     max_k = unsup["neighborhood_size"]
     if not 1 <= unsup["num_neighbors"] <= max_k:

@@ -74,7 +74,7 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     warnings = [line for line in out.splitlines() if "differs from the recipe's" in line]
     assert len(warnings) == 1
     assert "global batch 2 + 2" in warnings[0] and "recipe's 16 + 16" in warnings[0]
-    assert "processes × dataset.batch_size = 16" in warnings[0] and "trainer.lr_scaling: linear" in warnings[0]
+    assert "trainer.accumulate (auto" in warnings[0] and "trainer.lr_scaling: linear" in warnings[0]
     assert out.index("run protocol:") < out.index(warnings[0])
 
     env = json.loads((tmp_path / "runs" / "voc" / "environment.json").read_text())

@@ -22,7 +22,7 @@ from s4mc.engine.batches import build_partner_loader, epoch_batches
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
-from s4mc.engine.step import train_step
+from s4mc.engine.step import accumulated_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
 from s4mc.methods import build_method
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
@@ -63,7 +63,24 @@ def lr_scale(cfg: dict, world_size: int) -> float:
     """`lr_scaling: linear` multiplies the LR by global batch / reference batch."""
     if cfg["trainer"]["lr_scaling"] != "linear":
         return 1.0
-    return cfg["dataset"]["batch_size"] * world_size / cfg["trainer"]["reference_batch"]
+    return cfg["dataset"]["batch_size"] * world_size * resolve_accumulate(cfg, world_size) / cfg["trainer"]["reference_batch"]
+
+
+def resolve_accumulate(cfg: dict, world_size: int) -> int:
+    """`trainer.accumulate` as a number: "auto" reaches the recipe's global batch with this world size."""
+    acc = cfg["trainer"]["accumulate"]
+    if acc != "auto":
+        return int(acc)
+    recipe = (cfg.get("recipe") or {}).get("global_batch") or {}
+    wanted, per = recipe.get("labeled"), cfg["dataset"]["batch_size"] * world_size
+    if not wanted:
+        raise ConfigError("trainer.accumulate: auto needs recipe.global_batch.labeled in the config (the recipe's "
+                          "global batch); set it, or give trainer.accumulate a number")
+    if wanted % per:
+        raise ConfigError(f"trainer.accumulate: auto cannot reach the recipe's global batch {wanted} from "
+                          f"{world_size} process(es) × dataset.batch_size {cfg['dataset']['batch_size']} = {per}: "
+                          f"{wanted} is not a multiple of {per}; change dataset.batch_size or give a number")
+    return wanted // per
 
 
 def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
@@ -237,9 +254,12 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
     partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
     main_loader = labeled_loader if sup_only else unlabeled_loader
-    iters_per_epoch = len(main_loader)
+    accumulate = resolve_accumulate(cfg, dist.world_size)
+    # An epoch is this many optimizer steps; a last group of fewer than `accumulate` batches is dropped.
+    iters_per_epoch = len(main_loader) // accumulate
     if iters_per_epoch == 0:
-        raise S4MCError("the training loader is empty: fewer images than dataset.batch_size × GPUs")
+        raise S4MCError(f"the training loader is empty: fewer batches ({len(main_loader)}) than trainer.accumulate "
+                        f"({accumulate}), or fewer images than dataset.batch_size × GPUs")
     info = dataset_info(cfg)
     val_loader = None
     if tr["eval_on"]:
@@ -283,12 +303,13 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
 
     total_iters = tr["epochs"] * iters_per_epoch
     stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
-    images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * (1 if sup_only else 2)
+    images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * accumulate * (1 if sup_only else 2)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.iteration if resume_path is not None else None) \
         if dist.is_main else None
     progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log)
     header = build_run_header(
-        cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=iters_per_epoch,
+        cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=iters_per_epoch * accumulate,
+        accumulate=accumulate,
         labeled_images=count_images(labeled_loader), unlabeled_images=count_images(unlabeled_loader),
         val_images=count_images(val_loader), amp_dtype=state.amp_dtype, channels_last=state.channels_last)
     if dist.is_main:
@@ -352,15 +373,16 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             if done_in_epoch >= iters_per_epoch:
                 batches = iter(())  # stopped after the epoch's last step, before its evaluation
             elif done_in_epoch > 0:
-                # Resuming mid-epoch: replay the epoch's data stream up to where it stopped.
-                batches = itertools.islice(batches, done_in_epoch, None)
-            for labeled, unlabeled in batches:
+                # Resuming mid-epoch: replay the epoch's data stream up to where it stopped (checkpoints
+                # are written between optimizer steps only, so this is a whole number of groups).
+                batches = itertools.islice(batches, done_in_epoch * accumulate, None)
+            for group in _groups(batches, accumulate):
                 next_iteration = state.iteration + 1
                 before_eval = (evaluates and next_iteration == epoch_end) or (val_loader is not None and next_iteration == stop_at)
                 # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
                     next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
-                metrics = train_step(state, labeled, unlabeled, cfg)
+                metrics = accumulated_step(state, group, cfg)
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
@@ -440,6 +462,16 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
 
 DIAGNOSTICS = ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined",
                "flipped_to_keep", "flipped_to_drop", "threshold")
+
+
+def _groups(batches, size: int):
+    """Consecutive lists of `size` items; a shorter tail is dropped (an optimizer step is whole)."""
+    group = []
+    for item in batches:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def mean_diagnostics(history: list[dict]) -> dict:

@@ -66,14 +66,14 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     ds, tr, recipe = cfg["dataset"], cfg["trainer"], cfg["recipe"]
     sup_only = tr["mode"] == "sup"
     if accumulate is None:
-        accumulate = tr.get("accumulate", 1)
-    accumulate = accumulate if isinstance(accumulate, int) and accumulate >= 1 else 1
+        from s4mc.engine.loop import resolve_accumulate
+        accumulate = resolve_accumulate(cfg, world_size)
     per_process = {"labeled": ds["batch_size"], "unlabeled": 0 if sup_only else ds["batch_size"]}
     global_batch = {k: v * world_size * accumulate for k, v in per_process.items()}
     steps_per_epoch = iters_per_epoch // accumulate
     total_steps = tr["epochs"] * steps_per_epoch
     if tr["max_iters"]:
-        total_steps = min(total_steps, tr["max_iters"] // accumulate)
+        total_steps = min(total_steps, tr["max_iters"])  # counts optimizer steps, as state.iteration does
     unsup = tr["unsupervised"]
     ev = cfg["evaluation"]
     # Counts: the loaded datasets when the caller has them; else the split files; else the
@@ -176,9 +176,8 @@ def batch_warning(facts: dict) -> str | None:
     per = b["per_process"]["labeled"]
     return (f"global batch {_batch_text(run)} ({per} per process × {b['world_size']} process(es) × accumulate "
             f"{b['accumulate']}) differs from the recipe's {_batch_text(wanted)}, and trainer.lr_scaling is "
-            f"none; to match the recipe make processes × dataset.batch_size = {wanted['labeled']} (more GPUs or a "
-            f"larger per-GPU batch; gradient accumulation is not implemented yet), or set trainer.lr_scaling: "
-            f"linear to scale the LR to this batch")
+            f"none; to match the recipe set trainer.accumulate (auto, or so that processes × dataset.batch_size × "
+            f"accumulate = {wanted['labeled']}), or set trainer.lr_scaling: linear to scale the LR to this batch")
 
 
 def _crop(size) -> list[int]:
