@@ -22,7 +22,7 @@ from s4mc.engine.batches import build_partner_loader, epoch_batches
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
-from s4mc.engine.step import accumulated_step
+from s4mc.engine.step import accumulated_step, train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
 from s4mc.methods import build_method
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
@@ -382,7 +382,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
                     next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
-                metrics = accumulated_step(state, group, cfg)
+                metrics = train_step(state, *group[0], cfg) if accumulate == 1 else accumulated_step(state, group, cfg)
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
