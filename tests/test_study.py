@@ -224,3 +224,14 @@ def test_shift_and_refinement_tools_on_a_tiny_run(toy_root, toy_cfg, tmp_path, c
         if row[0] == "confidence":
             # refinement can only raise the top class's probability, so nothing is dropped
             assert kept >= kept_raw and float(row[-1]) == 0.0
+
+
+def test_a_run_cut_short_is_not_compared_with_the_study(toy_root, toy_cfg, tmp_path):
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"seeds": [0], "variants": {"supervised": {"mean": 50.0, "std": 0.0, "miou": [50.0]},
+                                                            "s4mc": {"mean": 60.0, "std": 0.0, "miou": [60.0]}}}))
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "evaluation.compare_with": str(study)})
+    loop.train(cfg, name="short")
+    text = (tmp_path / "short" / "train.log").read_text()
+    assert "no comparison with" in text and "stopped at 2 of the schedule's" in text
+    assert "over supervised only" not in text

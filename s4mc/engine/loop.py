@@ -451,7 +451,11 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                      format_table(r, info.class_names))
         summary["final"] = last_result.to_json()  # the protocol that selected best.pth
         summary["final_also"] = {mode: r.to_json() for mode, r in also}
-        if cfg["evaluation"]["compare_with"]:
+        if cfg["evaluation"]["compare_with"] and state.iteration < total_iters:
+            # The study's rows ran the whole schedule; a shorter run is not comparable with them.
+            log.info("no comparison with %s: this run stopped at %d of the schedule's %d iterations",
+                     cfg["evaluation"]["compare_with"], state.iteration, total_iters)
+        elif cfg["evaluation"]["compare_with"]:
             log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg)))
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
