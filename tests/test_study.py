@@ -19,11 +19,16 @@ from s4mc.errors import S4MCError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _variants_module():
-    spec = importlib.util.spec_from_file_location("variants", REPO / "benchmarks" / "variants.py")
+def _benchmark(name: str):
+    """Import benchmarks/<name>.py (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _variants_module():
+    return _benchmark("variants")
 
 
 def test_pretraining_pool_has_other_shapes_and_another_colour_code():
@@ -198,13 +203,6 @@ def test_toy_config_compares_with_the_shipped_study():
     assert set(study["variants"]) >= {"supervised", "supervised_all", "cutmix_seg", "s4mc"}
     assert all(len(row["miou"]) == len(study["seeds"]) for row in study["variants"].values())
     assert cfg["net"]["encoder"]["pretrained"] == "toy" and (REPO / "data" / "toy_pretrain" / "encoder.pth").is_file()
-
-
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shift_and_refinement_tools_on_a_tiny_run(toy_root, toy_cfg, tmp_path, capsys):
