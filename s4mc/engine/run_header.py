@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from s4mc.data.datasets import read_split
+from s4mc.data.datasets import default_unlabeled_list, read_split
 from s4mc.errors import DataError
 
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
@@ -43,15 +43,10 @@ def count_list_file(path) -> int | None:
         return None
 
 
-def _unlabeled_list(ds: dict) -> str | None:
-    """dataset.train.unlabeled_list, or the release's implied unlabeled.txt beside labeled.txt."""
-    listed = ds["train"].get("unlabeled_list")
-    if listed:
-        return listed
-    labeled = ds["train"].get("data_list")
-    if labeled and Path(labeled).name == "labeled.txt":
-        return str(Path(labeled).with_name("unlabeled.txt"))
-    return None
+def _unlabeled_list(ds: dict) -> str:
+    """dataset.train.unlabeled_list, or the loaders' implied unlabeled.txt beside labeled.txt
+    (DataError when there is none)."""
+    return ds["train"]["unlabeled_list"] or str(default_unlabeled_list(ds["train"]["data_list"]))
 
 
 def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
@@ -83,7 +78,10 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     if labeled_images is None:
         labeled_images = count_list_file(ds["train"].get("data_list"))
         if not sup_only:
-            unlabeled_images = count_list_file(_unlabeled_list(ds))
+            try:
+                unlabeled_images = count_list_file(_unlabeled_list(ds))
+            except DataError:
+                unlabeled_images = None
         counted_from = "split files"
         if labeled_images is None:
             labeled_images = ds["n_sup"]
@@ -298,7 +296,6 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
     import math
 
     from s4mc.engine.loop import build_optimizer, resolve_amp
-    from s4mc.errors import ConfigError
     from s4mc.models import build_model
 
     ds, tr = cfg["dataset"], cfg["trainer"]
@@ -309,10 +306,7 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
         # Supervised only: the labeled set alone, repeated up to one global batch when smaller.
         epoch_images = max(labeled, bs * world_size)
     else:
-        unlabeled_list = _unlabeled_list(ds)
-        if unlabeled_list is None:
-            raise ConfigError(f"dataset.train.unlabeled_list is not set and cannot be derived from "
-                              f"{ds['train']['data_list']} (only a labeled.txt implies an unlabeled.txt)")
+        unlabeled_list = _unlabeled_list(ds)  # the loaders' own error when none is set or implied
         # As build_train_loaders: the labeled set is repeated to the unlabeled length.
         epoch_images = max(labeled, len(read_split(unlabeled_list)))
     # Each rank takes ceil(n / world) indices and drops its last incomplete batch.
