@@ -131,6 +131,20 @@ def check_ordering(rows: dict) -> list[tuple[str, bool]]:
     return checks
 
 
+def paired_gaps(rows: dict) -> dict:
+    """Each step of the ordering, seed by seed. Rows with the same seed share their warm-up and data
+    order, so a row-to-row difference within a seed is much less noisy than the rows' seed spreads:
+    this measures how large the effect itself is, which the unpaired checks above cannot."""
+    order = [n for n in ("supervised", *SEMI_ROWS) if n in rows]
+    gaps = {}
+    for lo, hi in zip(order, order[1:]):
+        diffs = [h - l for h, l in zip(rows[hi]["miou"], rows[lo]["miou"])]
+        mean, std = mean_std(diffs)
+        gaps[f"{hi} - {lo}"] = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2),
+                                "std": round(std, 2)}
+    return gaps
+
+
 def plot(path: Path, rows: dict, curves: dict, seeds: list[int]) -> None:
     from s4mc.plots import pyplot
 
@@ -242,11 +256,17 @@ def main(argv=None) -> int:
         print("\nchecks (issue 15):")
         for text, ok in checks:
             print(f"  [{'ok' if ok else 'NO'}] {text}")
+    paired = paired_gaps(rows)
+    if paired and len(args.seeds) > 1:
+        print("\npaired by seed (same warm-up and data order; informative, not one of the checks):")
+        for pair, g in paired.items():
+            print(f"  {pair:<26} {' '.join(f'{d:+6.2f}' for d in g['per_seed'])}   "
+                  f"mean {g['mean']:+.2f} ± {g['std']:.2f}")
     if args.json:
         result = {"variants": rows, "seeds": args.seeds, "config": str(Path(args.config).resolve().relative_to(REPO))
                   if Path(args.config).resolve().is_relative_to(REPO) else args.config,
                   "opts": args.opts, "minutes": round(elapsed / 60, 1),
-                  "checks": [{"check": t, "holds": ok} for t, ok in checks]}
+                  "checks": [{"check": t, "holds": ok} for t, ok in checks], "paired": paired}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

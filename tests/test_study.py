@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,31 @@ def test_study_checks_follow_the_issue():
     assert variants.mean_std([4.0]) == (4.0, 0.0)
 
 
+def test_paired_gaps_compare_rows_seed_by_seed():
+    variants = _variants_module()
+    rows = {"supervised": {"miou": [60.0, 58.0, 62.0]}, "cutmix_seg": {"miou": [66.0, 63.0, 69.0]},
+            "s4mc": {"miou": [66.5, 62.5, 69.5]}}
+    gaps = variants.paired_gaps(rows)
+    assert list(gaps) == ["cutmix_seg - supervised", "s4mc - cutmix_seg"]
+    assert gaps["cutmix_seg - supervised"]["per_seed"] == [6.0, 5.0, 7.0]
+    assert gaps["cutmix_seg - supervised"]["mean"] == 6.0 and gaps["cutmix_seg - supervised"]["std"] == 1.0
+    # the seeds' shared ups and downs cancel: a 0.17 mean gap with a 0.58 spread, not the rows' 3.0
+    assert gaps["s4mc - cutmix_seg"]["mean"] == pytest.approx(0.17, abs=0.01)
+    assert gaps["s4mc - cutmix_seg"]["std"] == pytest.approx(0.58, abs=0.01)
+    del rows["cutmix_seg"]
+    assert list(variants.paired_gaps(rows)) == ["s4mc - supervised"]
+
+
+def test_toy_style_with_colour_variants_of_each_shape():
+    style = replace(TARGET, num_classes=16, pools=16)
+    labels = np.concatenate([render_scene(np.random.default_rng([5, i]), 64, style)[1].ravel() for i in range(40)])
+    assert labels.max() <= 15 and len(np.unique(labels)) >= 12
+    # the default style's scenes do not change: one class per shape
+    assert render_scene(np.random.default_rng(3), 64, TARGET)[1].max() <= 5
+    with pytest.raises(ValueError, match="num_classes=9"):
+        render_scene(np.random.default_rng(3), 64, replace(TARGET, num_classes=9))
+
+
 def test_variants_script_end_to_end(toy_root, tmp_path):
     variants = _variants_module()
     cfg = tmp_path / "tiny.yaml"
@@ -169,6 +195,8 @@ def test_variants_script_end_to_end(toy_root, tmp_path):
     assert len(s4mc["miou"]) == 2 and s4mc["mean"] == pytest.approx(sum(s4mc["miou"]) / 2, abs=0.01)
     assert 0 < s4mc["kept"] <= 100 and "kept_accuracy" in s4mc and "kept_unrefined" in s4mc
     assert result["variants"]["supervised"]["iterations"] == s4mc["iterations"] == [4, 4]
+    paired = result["paired"]["s4mc - supervised"]
+    assert paired["per_seed"] == [round(m - s, 2) for m, s in zip(s4mc["miou"], result["variants"]["supervised"]["miou"])]
     assert (tmp_path / "s.png").stat().st_size > 10_000
     # one seed per process, then a summary of the same runs: the same rows
     again = tmp_path / "again.json"

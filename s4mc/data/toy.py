@@ -53,7 +53,6 @@ from .classes import TOY_CLASSES, TOY_PALETTE
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
-_N_POOLS = 6                   # colour pools shared by all classes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
 _CLASS_PREF = 0.97             # probability a class uses "its" colour pool / texture
 
@@ -75,6 +74,11 @@ class ToyStyle:
     illumination: float = 0.25        # largest gain change across the image
     blur: tuple = (0.3, 0.9)          # range of the Gaussian blur's sigma
     blur_kernel: int = 3
+    # 0: one class per shape (the toy's 6 classes). More: each shape comes in (num_classes-1)/len(shapes)
+    # variants that differ only in colour (adjacent hue pools out of `pools`), so that a teacher's doubt
+    # spreads over several classes, as on a 21-class dataset (benchmarks/RESULTS.md, seventh session).
+    num_classes: int = 0
+    pools: int = 6
 
 
 # The toy study's regime (docs/method.md, "The toy study"): the unlabeled and validation images are
@@ -119,7 +123,7 @@ def _texture(rng: np.random.Generator, kind: int, yy: np.ndarray, xx: np.ndarray
 
 def _colour(rng: np.random.Generator, pool: int, style: "ToyStyle") -> np.ndarray:
     """An RGB colour (0-255) from hue pool `pool`, with saturation/value jitter."""
-    h = (pool / _N_POOLS + rng.normal(0, style.hue_jitter)) % 1.0
+    h = (pool / style.pools + rng.normal(0, style.hue_jitter)) % 1.0
     s = rng.uniform(*style.saturation)
     v = rng.uniform(*style.value)
     return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
@@ -128,13 +132,32 @@ def _colour(rng: np.random.Generator, pool: int, style: "ToyStyle") -> np.ndarra
 def _paint(rng: np.random.Generator, cls: int, yy, xx, style: "ToyStyle") -> np.ndarray:
     """HxWx3 float image of a textured fill whose colour/texture prefer `cls` with probability `style.class_pref`."""
     pref, shift = style.class_pref, style.palette_shift
-    pool = (cls + shift) % _N_POOLS if rng.random() < pref else int(rng.integers(_N_POOLS))
-    tex = (cls + shift) % _N_TEXTURES if rng.random() < pref else int(rng.integers(_N_TEXTURES))
+    n = style.pools
+    pool = (cls + shift) % n if rng.random() < pref else int(rng.integers(n))
+    tex = _texture_of(cls, style)
+    tex = (tex + shift) % _N_TEXTURES if rng.random() < pref else int(rng.integers(_N_TEXTURES))
     c1 = _colour(rng, pool, style)
     # second colour: same hue family, shifted brightness, so texture reads as texture
     c2 = np.clip(c1 * rng.uniform(0.4, 0.8) + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
     t = _texture(rng, tex, yy, xx)[..., None]
     return c1 * (1 - t) + c2 * t
+
+
+def _classes(style: "ToyStyle") -> int:
+    return style.num_classes or len(style.shapes) + 1
+
+
+def _variants(style: "ToyStyle") -> int:
+    objects, shapes = _classes(style) - 1, len(style.shapes)
+    if objects < shapes or objects % shapes:
+        raise ValueError(f"ToyStyle.num_classes={style.num_classes}: the {objects} object classes must be a "
+                         f"multiple of the {shapes} shapes")
+    return objects // shapes
+
+
+def _texture_of(cls: int, style: "ToyStyle") -> int:
+    """The texture class `cls` prefers: its shape's (all variants of a shape share it)."""
+    return 0 if cls == 0 else (cls - 1) // _variants(style) + 1
 
 
 def _polygon(dy, dx, r, sides, angle):
@@ -206,8 +229,8 @@ def render_scene(rng: np.random.Generator, size: int = 128, style: ToyStyle = TA
         img = np.where(side[..., None], _paint(rng, 0, yy, xx, style), img)
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(*style.objects))):
-        cls = int(rng.integers(1, len(style.shapes) + 1))
-        m = _shape_mask(rng, style.shapes[cls - 1], yy, xx, size, style.scale)
+        cls = int(rng.integers(1, _classes(style)))
+        m = _shape_mask(rng, style.shapes[(cls - 1) // _variants(style)], yy, xx, size, style.scale)
         img = np.where(m[..., None], _paint(rng, cls, yy, xx, style), img)
         label[m] = cls
     # illumination gradient, slight blur, sensor noise
