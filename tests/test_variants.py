@@ -69,6 +69,12 @@ def test_contrastive_memory_survives_resume(toy_root, toy_cfg, tmp_path):
             ref = loop.build_state(cfg, DistInfo(), iters_per_epoch=8).terms["contrastive"].memory
             ref.load_state_dict(saved)
             assert torch.equal(state.terms["contrastive"].memory.features(c), ref.features(c))
+    # a checkpoint from before the plug-in terms kept the bank under "memory_state"
+    old = {k: v for k, v in ckpt.items() if k != "term_states"}
+    old["memory_state"] = saved
+    legacy = loop.build_state(cfg, DistInfo(), iters_per_epoch=8)
+    checkpoint.restore(legacy, old, "old.pth")
+    assert [legacy.terms["contrastive"].memory.size(c) for c in range(6)] == after
 
 
 def test_linear_lr_scaling(toy_root, toy_cfg, tmp_path):

@@ -5,7 +5,8 @@ A file holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch
 `semi_start`, `scaler_state`, `term_states` (each loss term's state by name) and one RNG snapshot per rank, `evaluated_weights`
 (which of the two models the run's evaluation used, eval.py's default), the resolved `config`,
 the logged `history` and, with several processes, each rank's own BN statistics (`rank_buffers`:
-the model states hold their mean over ranks, the model that was evaluated).
+the model states hold their mean over ranks, the model that was evaluated). Older files kept the
+contrastive memory bank under `memory_state`; resuming one restores it into the contrastive term.
 """
 
 from __future__ import annotations
@@ -174,7 +175,12 @@ def restore(state: TrainState, ckpt: dict, path: str) -> None:
         raise CheckpointError(f"{path}: optimizer state does not fit this model/optimizer: {exc}") from exc
     if state.scaler is not None and ckpt.get("scaler_state"):
         state.scaler.load_state_dict(ckpt["scaler_state"])
-    saved_terms = ckpt.get("term_states") or {}
+    saved_terms = ckpt.get("term_states")
+    if saved_terms is None and ckpt.get("memory_state") is not None:
+        # Checkpoints written before loss terms became plug-ins kept U2PL's memory bank, the only
+        # term state there was, under its own key; it is the contrastive term's state.
+        saved_terms = {"contrastive": ckpt["memory_state"]}
+    saved_terms = saved_terms or {}
     for name, term in state.terms.items():
         if name in saved_terms:
             term.load_state_dict(saved_terms[name])
