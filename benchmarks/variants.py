@@ -104,6 +104,12 @@ def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[floa
     return common, [100 * statistics.fmean(s[i] for s in per_seed) for i in common]
 
 
+def ordering_steps(rows: dict) -> list[tuple[str, str]]:
+    """(lower, higher) for each step of the paper's ordering among the rows present."""
+    order = [n for n in ("supervised", *SEMI_ROWS) if n in rows]
+    return list(zip(order, order[1:]))
+
+
 def check_ordering(rows: dict) -> list[tuple[str, bool]]:
     """Issue 15's criteria, evaluated on the means and seed standard deviations measured."""
     checks = []
@@ -113,8 +119,7 @@ def check_ordering(rows: dict) -> list[tuple[str, bool]]:
         checks.append((f"learnable: all labels {a['mean']:.2f} >= 75", a["mean"] >= 75))
         checks.append((f"few labels leave a gap: {a['mean'] - s['mean']:.2f} >= 15 points",
                        a["mean"] - s["mean"] >= 15))
-    order = [n for n in ("supervised", *SEMI_ROWS) if n in have]
-    for lo, hi in zip(order, order[1:]):
+    for lo, hi in ordering_steps(rows):
         gap = rows[hi]["mean"] - rows[lo]["mean"]
         noise = max(rows[hi]["std"], rows[lo]["std"])
         checks.append((f"{hi} > {lo} by {gap:+.2f}, more than the larger seed std {noise:.2f}", gap > noise))
@@ -135,9 +140,8 @@ def paired_gaps(rows: dict) -> dict:
     """Each step of the ordering, seed by seed. Rows with the same seed share their warm-up and data
     order, so a row-to-row difference within a seed is much less noisy than the rows' seed spreads:
     this measures how large the effect itself is, which the unpaired checks above cannot."""
-    order = [n for n in ("supervised", *SEMI_ROWS) if n in rows]
     gaps = {}
-    for lo, hi in zip(order, order[1:]):
+    for lo, hi in ordering_steps(rows):
         diffs = [h - l for h, l in zip(rows[hi]["miou"], rows[lo]["miou"])]
         mean, std = mean_std(diffs)
         gaps[f"{hi} - {lo}"] = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2),

@@ -170,7 +170,7 @@ def test_toy_style_with_colour_variants_of_each_shape():
     # the default style's scenes do not change: one class per shape
     assert render_scene(np.random.default_rng(3), 64, TARGET)[1].max() <= 5
     with pytest.raises(ValueError, match="num_classes=9"):
-        render_scene(np.random.default_rng(3), 64, replace(TARGET, num_classes=9))
+        replace(TARGET, num_classes=9)
 
 
 def test_variants_script_end_to_end(toy_root, tmp_path):

@@ -80,6 +80,12 @@ class ToyStyle:
     num_classes: int = 0
     pools: int = 6
 
+    def __post_init__(self):
+        objects, shapes = (self.num_classes or len(self.shapes) + 1) - 1, len(self.shapes)
+        if objects < shapes or objects % shapes:
+            raise ValueError(f"ToyStyle.num_classes={self.num_classes}: the {objects} object classes must be a "
+                             f"multiple of the {shapes} shapes")
+
 
 # The toy study's regime (docs/method.md, "The toy study"): the unlabeled and validation images are
 # noisier, blurrier and less evenly lit than the labeled ones, which were "shot" under good
@@ -132,10 +138,8 @@ def _colour(rng: np.random.Generator, pool: int, style: "ToyStyle") -> np.ndarra
 def _paint(rng: np.random.Generator, cls: int, yy, xx, style: "ToyStyle") -> np.ndarray:
     """HxWx3 float image of a textured fill whose colour/texture prefer `cls` with probability `style.class_pref`."""
     pref, shift = style.class_pref, style.palette_shift
-    n = style.pools
-    pool = (cls + shift) % n if rng.random() < pref else int(rng.integers(n))
-    tex = _texture_of(cls, style)
-    tex = (tex + shift) % _N_TEXTURES if rng.random() < pref else int(rng.integers(_N_TEXTURES))
+    pool = (cls + shift) % style.pools if rng.random() < pref else int(rng.integers(style.pools))
+    tex = (_texture_of(cls, style) + shift) % _N_TEXTURES if rng.random() < pref else int(rng.integers(_N_TEXTURES))
     c1 = _colour(rng, pool, style)
     # second colour: same hue family, shifted brightness, so texture reads as texture
     c2 = np.clip(c1 * rng.uniform(0.4, 0.8) + rng.uniform(-30, 30, 3), 0, 255).astype(np.float32)
@@ -148,11 +152,7 @@ def _classes(style: "ToyStyle") -> int:
 
 
 def _variants(style: "ToyStyle") -> int:
-    objects, shapes = _classes(style) - 1, len(style.shapes)
-    if objects < shapes or objects % shapes:
-        raise ValueError(f"ToyStyle.num_classes={style.num_classes}: the {objects} object classes must be a "
-                         f"multiple of the {shapes} shapes")
-    return objects // shapes
+    return (_classes(style) - 1) // len(style.shapes)  # ToyStyle checks that it divides
 
 
 def _texture_of(cls: int, style: "ToyStyle") -> int:
