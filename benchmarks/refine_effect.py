@@ -9,6 +9,9 @@ reports, at the same threshold gamma (docs/method.md steps 5-7):
   kept      share of valid pixels kept, unrefined -> refined
   acc.      accuracy of the kept pseudo-labels against the (never trained on) ground truth
   in/out    pixels the refinement adds to / removes from the kept set, per 1,000 valid pixels
+  same-share  accuracy of the unrefined mask with its threshold moved to keep the refined share, and
+            the refined accuracy's lead over it: above 0, the refinement picks better pixels than
+            a different keep-percent would
 
 This is the paper's quantity/quality claim measured directly on one teacher, without the noise of a
 training run: refinement is worth something only where it keeps more pixels at equal or better
@@ -18,6 +21,7 @@ accuracy. The toy study (benchmarks/variants.py) is where the training-time effe
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=96, help="unlabeled images to use (default: %(default)s)")
     ap.add_argument("--keep", type=float, nargs="+", default=[60, 70, 80, 90],
                     help="keep-percents (the schedule runs 60 -> 100 over training)")
+    ap.add_argument("--indicators", nargs="+", default=["margin", "confidence"], choices=method.INDICATORS,
+                    help="indicators to measure (default: %(default)s)")
+    ap.add_argument("--k", type=int, nargs="+", default=[1],
+                    help="neighbours folded in per class (trainer.unsupervised.num_neighbors; default: 1)")
     ap.add_argument("--prior", default="none",
                     help="neighbour prior E_c, as trainer.unsupervised.neighbor_prior takes it (default: none)")
     ap.add_argument("--at-logits", action="store_true",
@@ -76,17 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     pseudo = logits.argmax(1)
     print(f"{args.run.name}: {len(labels)} unlabeled images at {tuple(labels.shape[-2:])}, prior {args.prior}; pseudo-label pixel accuracy "
           f"{100 * (pseudo == labels)[labels != 255].float().mean():.2f}%")
-    print(f"{'indicator':10s} {'nbrs':>4s} {'keep%':>5s} | {'kept %':>15s} | {'acc. %':>15s} | {'in/out per 1k':>13s}")
-    for indicator in ("margin", "confidence"):
-        for neighbors in (4, 8):
-            for keep in args.keep:
-                _, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
-                                                  k=1, prior=prior, refine=True, ground_truth=labels)
-                valid = float((pseudo != 255).sum())
-                print(f"{indicator:10s} {neighbors:4d} {keep:5.0f} | "
-                      f"{100 * float(s['kept_fraction_unrefined']):6.2f} -> {100 * float(s['kept_fraction']):6.2f} | "
-                      f"{100 * float(s['kept_accuracy_unrefined']):6.2f} -> {100 * float(s['kept_accuracy']):6.2f} | "
-                      f"{1000 * float(s['flipped_to_keep']) / valid:5.1f} / {1000 * float(s['flipped_to_drop']) / valid:5.1f}")
+    print(f"{'indicator':10s} {'nbrs':>4s} {'k':>2s} {'keep%':>5s} | {'kept %':>15s} | {'acc. %':>15s} | {'in/out per 1k':>13s} | {'same-share acc.':>15s}")
+    for indicator in args.indicators:
+        for neighbors, k, keep in itertools.product((4, 8), args.k, args.keep):
+            _, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
+                                              k=k, prior=prior, refine=True, ground_truth=labels)
+            valid = float((pseudo != 255).sum())
+            same = float(s['kept_accuracy_same_share'])
+            print(f"{indicator:10s} {neighbors:4d} {k:2d} {keep:5.0f} | "
+                  f"{100 * float(s['kept_fraction_unrefined']):6.2f} -> {100 * float(s['kept_fraction']):6.2f} | "
+                  f"{100 * float(s['kept_accuracy_unrefined']):6.2f} -> {100 * float(s['kept_accuracy']):6.2f} | "
+                  f"{1000 * float(s['flipped_to_keep']) / valid:5.1f} / {1000 * float(s['flipped_to_drop']) / valid:5.1f} | "
+                  f"{100 * same:6.2f} ({100 * (float(s['kept_accuracy']) - same):+5.2f})")
     return 0
 
 

@@ -19,8 +19,10 @@ Every row starts from the config's starting point (the toy's pretrained encoder)
 config's epochs; nothing is tuned per row. "kept" is the share of valid unlabeled pixels that enter
 the loss, "kept acc." the accuracy of those pseudo-labels against the (unused) ground truth,
 averaged over the logged windows of training; "unref." is the same without the refinement, at the
-same threshold gamma. --plot draws mIoU per row (mean, std, every seed) and those two quantities
-over training, refined (solid) and unrefined (dashed), averaged over seeds.
+same threshold gamma. "same share" is the accuracy the threshold alone gets when moved to keep as
+many pixels as the refinement kept: the refinement picks better pixels, as the paper claims, only
+where "kept acc." beats it. --plot draws mIoU per row (mean, std, every seed) and those quantities
+over training, refined (solid), unrefined (dashed) and same share (dotted), averaged over seeds.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["supervised", "supervised_all", "cutmix_seg", "s4mc", "s4mc_psi"]
 SEMI_ROWS = ("cutmix_seg", "s4mc")  # the ordering the paper's tables show: s4mc > cutmix_seg > supervised
 DIAGNOSTICS = {"kept": "kept_fraction", "kept_unrefined": "kept_fraction_unrefined",
-               "kept_accuracy": "kept_accuracy", "kept_accuracy_unrefined": "kept_accuracy_unrefined"}
+               "kept_accuracy": "kept_accuracy", "kept_accuracy_unrefined": "kept_accuracy_unrefined",
+               "kept_accuracy_same_share": "kept_accuracy_same_share"}
 
 
 def row_overrides(name: str, base: dict, all_labels_list: str | None) -> list[str]:
@@ -177,6 +180,9 @@ def plot(path: Path, rows: dict, curves: dict, seeds: list[int]) -> None:
             if n != "cutmix_seg":  # without refinement the two curves coincide
                 xu, yu = mean_curve(curves[n], key + "_unrefined")
                 ax.plot(xu, yu, color=colours[n], linestyle="--", label=f"{n} (unrefined, same γ)")
+                xs, ys = mean_curve(curves[n], key + "_same_share") if key == "kept_accuracy" else ([], [])
+                if xs:
+                    ax.plot(xs, ys, color=colours[n], linestyle=":", label=f"{n} (unrefined, same share)")
         ax.set_xlabel("iteration")
         ax.set_ylabel("%")
         ax.set_title(title + ", mean over seeds", fontsize=9)
@@ -249,12 +255,13 @@ def main(argv=None) -> int:
     if args.from_runs:  # the training time is the runs' own
         elapsed = sum(sum(r["seconds"] for r in rs) for rs in runs.values())
     print(f"\n{len(args.seeds)} seed(s) x {len(rows)} rows, {elapsed / 60:.1f} min of training; runs in {out}")
-    print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)")
+    print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)   same share")
     for n, r in rows.items():
         per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])
         kept = f"{r['kept']:5.1f} ({r['kept_unrefined']:5.1f})" if "kept" in r else "      -      "
         acc = f"{r['kept_accuracy']:5.1f} ({r['kept_accuracy_unrefined']:5.1f})" if "kept" in r else "      -"
-        print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}")
+        same = f"{r['kept_accuracy_same_share']:5.1f}" if "kept_accuracy_same_share" in r else "  -"
+        print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}        {same}")
     checks = check_ordering(rows)
     if checks:
         print("\nchecks (issue 15):")

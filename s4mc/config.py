@@ -110,6 +110,11 @@ SCHEMA: dict = {
     "trainer": {
         "epochs": _k(REQUIRED, int),
         "sup_only_epoch": _k(1, int),
+        # What the teacher takes from the student when the semi phase starts (docs/method.md step 11):
+        # "parameters" (the release) keeps the teacher's own BN statistics, which warmed up on its
+        # *initial* weights; "all" also copies the student's BN buffers, so the first pseudo-labels
+        # come from exactly the warmed-up student.
+        "teacher_start": _k("parameters", str, choices=("parameters", "all")),
         "eval_on": _k(True, bool),
         "eval_every": _k(1, int),
         "log_every": _k(20, int),

@@ -155,7 +155,9 @@ class Progress:
         if "flipped_to_keep" in values:
             parts.append(f"refine +{values['flipped_to_keep']:.0f}/-{values['flipped_to_drop']:.0f} px")
         if "kept_accuracy" in values:
-            parts.append(f"acc {100 * values['kept_accuracy']:.1f}% (unrefined {100 * values['kept_accuracy_unrefined']:.1f}%)")
+            same = (f", same share {100 * values['kept_accuracy_same_share']:.1f}%"
+                    if "kept_accuracy_same_share" in values else "")
+            parts.append(f"acc {100 * values['kept_accuracy']:.1f}% (unrefined {100 * values['kept_accuracy_unrefined']:.1f}%{same})")
         log.info(
             "epoch %d/%d iter %d/%d (%.1f%%) | %s | lr %.2e | %.1f img/s%s | eta %s",
             epoch + 1, epochs, iteration, self.total_iters, 100.0 * iteration / self.total_iters,

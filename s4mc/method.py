@@ -162,7 +162,8 @@ def pseudo_label_target(teacher_logits, pseudo_label, keep_percent, *, indicator
         keep_mask_unrefined = valid & _reliable(raw, gamma, indicator)
         keep_mask = valid & _reliable(refined, gamma, indicator) if refine else keep_mask_unrefined
         target = pseudo_label.masked_fill(~keep_mask, ignore_index)
-        stats = pseudo_label_diagnostics(valid, keep_mask, keep_mask_unrefined, pseudo_label, ground_truth, ignore_index)
+        stats = pseudo_label_diagnostics(valid, keep_mask, keep_mask_unrefined, pseudo_label, ground_truth, ignore_index,
+                                         raw=raw if refine else None, low_is_reliable=indicator == "entropy")
     return target, {"threshold": gamma, **stats}
 
 

@@ -59,7 +59,8 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def draw_quantity_quality(ax_kept, ax_acc, curves: dict[str, list[dict]], colours=None) -> None:
-    """Kept fraction and kept-pixel accuracy (%) over iterations, refined solid, unrefined dashed.
+    """Kept fraction and kept-pixel accuracy (%) over iterations, refined solid, unrefined dashed,
+    and (accuracy only, where logged) the threshold alone at the refined share dotted.
 
     `curves` maps a label to its train records; runs without pseudo-labels are skipped.
     """
@@ -72,6 +73,9 @@ def draw_quantity_quality(ax_kept, ax_acc, curves: dict[str, list[dict]], colour
             ax.plot(x, [100 * v for v in y], color=colour, label=f"{label} refined")
             xu, yu = series(records, key + "_unrefined")
             ax.plot(xu, [100 * v for v in yu], color=colour, linestyle="--", label=f"{label} unrefined")
+            xs, ys = series(records, key + "_same_share")
+            if xs:  # what the threshold alone keeps at the refined share: the bar the refinement must clear
+                ax.plot(xs, [100 * v for v in ys], color=colour, linestyle=":", label=f"{label} same share")
     ax_kept.set_ylabel("kept unlabeled pixels (%)")
     ax_acc.set_ylabel("accuracy of kept pseudo-labels (%)")
     for ax in (ax_kept, ax_acc):
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m s4mc.plots",
         description="Plot one or more runs from their metrics.jsonl: validation mIoU over training, and the "
-                    "pseudo-labels' kept fraction and kept-pixel accuracy (refined solid, unrefined dashed).")
+                    "pseudo-labels' kept fraction and kept-pixel accuracy (refined solid, unrefined dashed, and "
+                    "the unrefined threshold moved to the refined share dotted).")
     parser.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
     parser.add_argument("--out", default="runs.png", help="PNG to write (default: %(default)s)")
     args = parser.parse_args(argv)

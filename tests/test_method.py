@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s4mc import method
+from s4mc import diagnostics, method
 from s4mc.engine.schedule import keep_percent_at
 from s4mc.errors import ConfigError
 from s4mc.priors_table import PRIORS, resolve_prior
@@ -255,8 +255,29 @@ def test_diagnostics_on_a_known_case():
     # Kept with gt: refined {0, 1, 2, 4} -> right at 0 and 2; unrefined {0, 2, 4} -> right at 0 and 2.
     assert float(stats["kept_accuracy"]) == pytest.approx(2 / 4)
     assert float(stats["kept_accuracy_unrefined"]) == pytest.approx(2 / 3)
+    # The threshold alone, moved to keep 4 pixels too, keeps the top-4 unrefined margins {0, 4, 2, 3}:
+    # with gt at 0, 4 and 2, right at 0 and 2.
+    assert float(stats["kept_accuracy_same_share"]) == pytest.approx(2 / 3)
     _, baseline = method.pseudo_label_target(teacher, label, 80.0, refine=False, ground_truth=gt)
     assert float(baseline["kept_accuracy"]) == pytest.approx(2 / 3)
+    assert "kept_accuracy_same_share" not in baseline  # nothing to compare without refinement
+
+
+@pytest.mark.parametrize("low_is_reliable", [False, True])
+def test_same_share_accuracy_ranks_by_the_unrefined_indicator(low_is_reliable):
+    g = torch.Generator().manual_seed(3)
+    raw = torch.rand(2, 9, 11, generator=g)
+    valid = torch.rand(2, 9, 11, generator=g) > 0.2
+    labelled = torch.rand(2, 9, 11, generator=g) > 0.1
+    right = labelled & (torch.rand(2, 9, 11, generator=g) > 0.4)
+    order = np.argsort(raw[valid].numpy() if low_is_reliable else -raw[valid].numpy(), kind="stable")
+    for kept in (1, 17, int(valid.sum())):
+        top = order[:kept]
+        expected = right[valid].numpy()[top].sum() / labelled[valid].numpy()[top].sum()
+        got = diagnostics.same_share_accuracy(raw, valid, torch.tensor(float(kept)), right, labelled, low_is_reliable)
+        assert got.dtype == torch.float64 and float(got) == pytest.approx(expected)
+    nothing = diagnostics.same_share_accuracy(raw, valid, torch.tensor(0.0), right, labelled, low_is_reliable)
+    assert float(nothing) == 0.0
 
 
 # ---------------------------------------------------------------- schedule and errors

@@ -242,14 +242,18 @@ def test_shift_and_refinement_tools_on_a_tiny_run(toy_root, toy_cfg, tmp_path, c
     assert all(0 <= v["miou"] <= 100 and 0 <= v["pixel_acc"] <= 100 for v in shift.values())
     capsys.readouterr()
     assert _benchmark("refine_effect").main([str(run), "--images", "3", "--keep", "60", "80"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("margin", "confidence"))]
-    assert len(rows) == 2 * 2 * 2
-    for row in rows:
-        kept_raw, kept = float(row[4]), float(row[6])
-        assert kept_raw == pytest.approx(float(row[2]), abs=0.5)  # gamma is the unrefined percentile
-        if row[0] == "confidence":
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("margin", "confidence"))]
+    assert len(lines) == 2 * 2 * 2
+    for line in lines:
+        setting, kept, acc, flips, same = (part.split() for part in line.split("|"))
+        kept_raw, kept = float(kept[0]), float(kept[2])
+        assert kept_raw == pytest.approx(float(setting[3]), abs=0.5)  # gamma is the unrefined percentile
+        if setting[0] == "confidence":
             # refinement can only raise the top class's probability, so nothing is dropped
-            assert kept >= kept_raw and float(row[-1]) == 0.0
+            assert kept >= kept_raw and float(flips[-1]) == 0.0
+        # the refined accuracy's lead over the threshold moved to the same share
+        assert 0 <= float(same[0]) <= 100
+        assert float(same[1].strip("()")) == pytest.approx(float(acc[2]) - float(same[0]), abs=0.02)
 
 
 def test_a_run_cut_short_is_not_compared_with_the_study(toy_root, toy_cfg, tmp_path):

@@ -107,7 +107,34 @@ def test_step_returns_pseudo_label_diagnostics(toy_root, toy_cfg, tmp_path):
     tl = build_train_loaders(cfg, seed=0)
     metrics = train_step(state, next(iter(tl.labeled)), next(iter(tl.unlabeled)), cfg)
     for key in ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined",
-                "flipped_to_keep", "flipped_to_drop", "threshold"):
+                "kept_accuracy_same_share", "flipped_to_keep", "flipped_to_drop", "threshold"):
         assert key in metrics, key
     # keep-percent 60 at epoch 0: without refinement about 60% of valid pixels are kept
     assert float(metrics["kept_fraction_unrefined"]) == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.parametrize("teacher_start", ["parameters", "all"])
+def test_teacher_start_copies_parameters_and_optionally_bn_statistics(teacher_start, toy_root, toy_cfg, tmp_path):
+    from s4mc.methods.mean_teacher import begin_semi_phase
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.teacher_start": teacher_start})
+    state = loop.build_state(cfg, DistInfo(), iters_per_epoch=8)
+    with torch.no_grad():  # a warmed-up student, and a teacher whose BN warmed up on other weights
+        for p in state.student_module.parameters():
+            p.add_(0.01)
+        for name, b in state.student_module.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(0.5)
+    teacher_stats = {k: v.clone() for k, v in state.teacher.state_dict().items() if "running_" in k}
+    state.iteration = 5
+    begin_semi_phase(state, cfg)
+    assert state.semi_start == 5
+    student, teacher = state.student_module.state_dict(), state.teacher.state_dict()
+    assert all(torch.equal(teacher[k], student[k]) for k, _ in state.student_module.named_parameters())
+    moved = [k for k in teacher_stats if not torch.equal(teacher[k], teacher_stats[k])]
+    if teacher_start == "all":  # the teacher is exactly the student, statistics included
+        assert moved and all(torch.equal(teacher[k], v) for k, v in student.items())
+    else:  # the release: parameters only, the teacher keeps its own statistics
+        assert moved == []
+    begin_semi_phase(state, cfg)  # only the first semi step copies
+    assert state.semi_start == 5

@@ -17,6 +17,13 @@ def copy_parameters(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
+def copy_buffers(teacher: torch.nn.Module, student: torch.nn.Module) -> None:
+    """Make the teacher's buffers (BN running statistics and counters) a copy of the student's."""
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+@torch.no_grad()
 def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
     """teacher ← τ·teacher + (1 − τ)·student, as two fused multi-tensor ops."""
     torch._foreach_mul_(teacher_params, momentum)

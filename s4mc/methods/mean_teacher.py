@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from s4mc import mixing
-from s4mc.engine.ema import copy_parameters
+from s4mc.engine.ema import copy_buffers, copy_parameters
 from s4mc.engine.losses import supervised_loss
 from s4mc.method import S4MCSettings
 from s4mc.methods import StepLoss, register_method
@@ -44,10 +44,13 @@ def supervised_step(state, x_l, y_l, cfg, warm_teacher_on=None) -> StepLoss:
     return StepLoss(loss_sup, {"loss_sup": loss_sup.detach()})
 
 
-def begin_semi_phase(state) -> None:
-    """On the first semi-supervised step the teacher starts as a copy of the student (EMA t0)."""
+def begin_semi_phase(state, cfg: dict) -> None:
+    """On the first semi-supervised step the teacher starts as a copy of the student (EMA t0):
+    its parameters, and with `trainer.teacher_start: all` its BN statistics too."""
     if state.semi_start is None:
         copy_parameters(state.teacher, state.student_module)
+        if cfg["trainer"]["teacher_start"] == "all":
+            copy_buffers(state.teacher, state.student_module)
         state.semi_start = state.iteration
 
 
@@ -78,7 +81,7 @@ class MeanTeacher:
         return self.semi_step(state, x_l, y_l, unlabeled)
 
     def semi_step(self, state, x_l, y_l, unlabeled: dict) -> StepLoss:
-        begin_semi_phase(state)
+        begin_semi_phase(state, self.cfg)
         student_fwd, teacher_fwd = state.forwards()
         size, ignore = y_l.shape[-2:], self.s4mc.ignore_index
         strong = "image_strong" if self.strong_aug and "image_strong" in unlabeled else "image"

@@ -61,7 +61,7 @@ class UniMatch:
 
     def semi_step(self, state, x_l, y_l, unlabeled: dict) -> StepLoss:
         if self.ema:
-            begin_semi_phase(state)
+            begin_semi_phase(state, self.cfg)
         student_fwd, teacher_fwd = state.forwards()
         size, ignore = y_l.shape[-2:], self.s4mc.ignore_index
         n_l = x_l.shape[0]
