@@ -76,6 +76,14 @@ def test_run_writes_metrics_log_and_plots(toy_root, toy_cfg, tmp_path):
     val = [r for r in records if r["kind"] == "val"]
     assert train and val and all("kept_fraction" in r and "kept_accuracy_unrefined" in r for r in train)
     assert [r["iteration"] for r in train] == sorted(r["iteration"] for r in train)
+    semi = [r for r in train if "kept_accuracy_same_share" in r]  # the refinement's bar, once pseudo-labels start
+    assert semi and all(0 <= r["kept_accuracy_same_share"] <= 1 for r in semi)
+    assert "same share" in (tmp_path / "a" / "train.log").read_text()
+    fig, (ax_kept, ax_acc) = plots.pyplot().subplots(1, 2)
+    plots.draw_quantity_quality(ax_kept, ax_acc, {"a": train})
+    assert "a same share" in [line.get_label() for line in ax_acc.lines]
+    assert "a same share" not in [line.get_label() for line in ax_kept.lines]
+    plots.pyplot().close(fig)
     assert val[-1]["miou"] == pytest.approx(json.loads((tmp_path / "a" / "results.json").read_text())["final"]["miou"])
     sup = toy_cfg(toy_root, tmp_path, **{"trainer.epochs": 2, "trainer.mode": "sup"})
     loop.train(sup, name="b")
