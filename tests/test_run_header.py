@@ -193,6 +193,17 @@ def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):
     assert "supervised only" in text and "evaluation  off (trainer.eval_on: false)" in text
 
 
+@pytest.mark.parametrize("teacher_start", ["parameters", "all"])
+def test_header_says_when_the_teacher_takes_the_students_bn_statistics(teacher_start, toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.teacher_start": teacher_start})
+    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
+                             unlabeled_images=8, val_images=None, amp_dtype=None, channels_last=False)
+    assert facts["method"]["teacher_start"] == teacher_start
+    said = "teacher starts as the student with its BN statistics" in format_run_header(facts)
+    assert said == (teacher_start == "all")
+
+
 @pytest.mark.parametrize("refine", [True, False])
 def test_unimatch_header_names_the_method(toy_root, toy_cfg, tmp_path, refine):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.method": "unimatch", "trainer.unsupervised.refine": refine,

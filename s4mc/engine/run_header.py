@@ -131,6 +131,7 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
             "indicator": unsup["indicator"],
             "strong_aug": False if sup_only else unsup["strong_aug"],
             "contrastive": tr["contrastive"] is not None and not sup_only,
+            "teacher_start": None if sup_only else tr["teacher_start"],
         },
         # A list, so a run that reports several protocols can name the one that picks best.pth.
         "evaluation": [] if not tr["eval_on"] else [{
@@ -236,6 +237,8 @@ def format_run_header(facts: dict) -> str:
                       f"U2PL contrastive {'on' if m['contrastive'] else 'off'}")
         if m.get("terms"):
             method += f", terms: {', '.join(m['terms'])}"
+        if m.get("teacher_start") == "all":  # the release's start (parameters only) goes unsaid
+            method += ", teacher starts as the student with its BN statistics"
 
     evals = []
     for e in facts["evaluation"]:
