@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.run.name}: {len(labels)} unlabeled images at {tuple(labels.shape[-2:])}, prior {args.prior}; pseudo-label pixel accuracy "
           f"{100 * (pseudo == labels)[labels != 255].float().mean():.2f}%")
     print(f"{'indicator':10s} {'nbrs':>4s} {'k':>2s} {'keep%':>5s} | {'kept %':>15s} | {'acc. %':>15s} | {'in/out per 1k':>13s} | {'same-share acc.':>15s}")
+    valid = float((pseudo != 255).sum())
     for indicator in args.indicators:
         for neighbors, k, keep in itertools.product((4, 8), args.k, args.keep):
             _, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
                                               k=k, prior=prior, refine=True, ground_truth=labels)
-            valid = float((pseudo != 255).sum())
             same = float(s['kept_accuracy_same_share'])
             print(f"{indicator:10s} {neighbors:4d} {k:2d} {keep:5.0f} | "
                   f"{100 * float(s['kept_fraction_unrefined']):6.2f} -> {100 * float(s['kept_fraction']):6.2f} | "

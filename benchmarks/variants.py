@@ -180,7 +180,7 @@ def plot(path: Path, rows: dict, curves: dict, seeds: list[int]) -> None:
             if n != "cutmix_seg":  # without refinement the two curves coincide
                 xu, yu = mean_curve(curves[n], key + "_unrefined")
                 ax.plot(xu, yu, color=colours[n], linestyle="--", label=f"{n} (unrefined, same γ)")
-                xs, ys = mean_curve(curves[n], key + "_same_share") if key == "kept_accuracy" else ([], [])
+                xs, ys = mean_curve(curves[n], key + "_same_share")  # logged for the accuracy only
                 if xs:
                     ax.plot(xs, ys, color=colours[n], linestyle=":", label=f"{n} (unrefined, same share)")
         ax.set_xlabel("iteration")

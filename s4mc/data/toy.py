@@ -80,8 +80,13 @@ class ToyStyle:
     num_classes: int = 0
     pools: int = 6
 
+    @property
+    def classes(self) -> int:
+        """Classes in the label maps, background included."""
+        return self.num_classes or len(self.shapes) + 1
+
     def __post_init__(self):
-        objects, shapes = (self.num_classes or len(self.shapes) + 1) - 1, len(self.shapes)
+        objects, shapes = self.classes - 1, len(self.shapes)
         if objects < shapes or objects % shapes:
             raise ValueError(f"ToyStyle.num_classes={self.num_classes}: the {objects} object classes must be a "
                              f"multiple of the {shapes} shapes")
@@ -147,12 +152,8 @@ def _paint(rng: np.random.Generator, cls: int, yy, xx, style: "ToyStyle") -> np.
     return c1 * (1 - t) + c2 * t
 
 
-def _classes(style: "ToyStyle") -> int:
-    return style.num_classes or len(style.shapes) + 1
-
-
 def _variants(style: "ToyStyle") -> int:
-    return (_classes(style) - 1) // len(style.shapes)  # ToyStyle checks that it divides
+    return (style.classes - 1) // len(style.shapes)  # ToyStyle checks that it divides
 
 
 def _texture_of(cls: int, style: "ToyStyle") -> int:
@@ -229,7 +230,7 @@ def render_scene(rng: np.random.Generator, size: int = 128, style: ToyStyle = TA
         img = np.where(side[..., None], _paint(rng, 0, yy, xx, style), img)
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(*style.objects))):
-        cls = int(rng.integers(1, _classes(style)))
+        cls = int(rng.integers(1, style.classes))
         m = _shape_mask(rng, style.shapes[(cls - 1) // _variants(style)], yy, xx, size, style.scale)
         img = np.where(m[..., None], _paint(rng, cls, yy, xx, style), img)
         label[m] = cls
