@@ -170,6 +170,18 @@ def test_constant_map_refined_identically_away_from_borders():
     assert method.refine(prob.double()).dtype == torch.float64
 
 
+def test_margin_gain_where_neighbours_agree():
+    # docs/method.md, "The toy study": where every neighbour equals the pixel, k = 1 refines the
+    # margin to margin * (1 + beta * (1 - p1 - p2)); a pixel whose doubt lies between its top two
+    # classes gains nothing, one whose doubt is spread over other classes gains.
+    rows = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.5, 0.2, 0.2, 0.1], [0.3, 0.25, 0.25, 0.2]], dtype=torch.float64)
+    prob = rows.view(3, 4, 1, 1).expand(3, 4, 5, 5).contiguous()
+    refined = method.indicator_map(method.refine(prob, neighbors=8), "margin")[:, 2, 2]
+    p1, p2 = rows[:, 0], rows[:, 1]
+    assert torch.allclose(refined, (p1 - p2) * (1 + method.BETA * (1 - p1 - p2)), atol=1e-12, rtol=0)
+    assert refined[0] == pytest.approx(0.2) and refined[1] > 0.3 and refined[2] > 0.05
+
+
 def test_refine_off_is_identity_on_the_mask():
     student, teacher, label = _random_case(1)
     target, stats = method.pseudo_label_target(teacher, label, 70.0, refine=False)

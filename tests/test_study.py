@@ -181,8 +181,7 @@ def test_toy_style_with_colour_variants_of_each_shape():
         replace(TARGET, num_classes=9)
 
 
-def test_variants_script_end_to_end(toy_root, tmp_path):
-    variants = _variants_module()
+def _tiny_study_config(toy_root, tmp_path) -> Path:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(json.dumps({
         "dataset": {"type": "toy", "batch_size": 2, "workers": 0,
@@ -193,6 +192,12 @@ def test_variants_script_end_to_end(toy_root, tmp_path):
                     "unsupervised": {"neighborhood_size": 8, "neighbor_prior": "none"}},
         "net": {"num_classes": 6, "sync_bn": False, "encoder": {"type": "resnet_tiny", "kwargs": {"width": 8}},
                 "decoder": {"kwargs": {"inner_planes": 16, "low_conv_planes": 16, "dilations": [2, 4, 6]}}}}))
+    return cfg
+
+
+def test_variants_script_end_to_end(toy_root, tmp_path):
+    variants = _variants_module()
+    cfg = _tiny_study_config(toy_root, tmp_path)
     out = tmp_path / "study.json"
     rc = variants.main(["--config", str(cfg), "--seeds", "0", "1", "--variants", "supervised", "supervised_all",
                         "s4mc", "--out", str(tmp_path / "runs"), "--json", str(out), "--plot", str(tmp_path / "s.png")])
@@ -273,3 +278,61 @@ def test_a_run_cut_short_is_not_compared_with_the_study(toy_root, toy_cfg, tmp_p
     text = (tmp_path / "short" / "train.log").read_text()
     assert "no comparison with" in text and "stopped at 2 of the schedule's" in text
     assert "over supervised only" not in text
+
+
+def test_mask_oracle_keeps_what_it_says():
+    oracle = _benchmark("mask_oracle")
+    keep = torch.tensor([True, True, False, False, True, False])
+    keep_unrefined = torch.tensor([True, False, True, False, False, True])
+    right = torch.tensor([False, True, False, True, False, True])
+    # kept by both: kept whatever the truth; flipped either way: kept exactly when right; neither: dropped
+    assert oracle.oracle_keep(keep, keep_unrefined, right, "flips").tolist() == [True, True, False, False, False, True]
+    assert oracle.oracle_keep(keep, keep_unrefined, right, "mask").tolist() == right.tolist()
+
+    from s4mc import method
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 12, 12) * 3
+    pseudo = logits.argmax(1)
+    truth = torch.where(torch.rand(2, 12, 12) < 0.7, pseudo, torch.randint(0, 4, (2, 12, 12)))
+    truth[0, :2] = 255
+    refined, _ = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=True)
+    unrefined, _ = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=False)
+    both, either = (refined != 255) & (unrefined != 255), (refined != 255) | (unrefined != 255)
+    assert (both != either).any()  # the case has flipped pixels to decide
+    original = method.pseudo_label_target
+    with oracle.oracle("flips"):
+        target, stats = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
+        kept = target != 255
+        assert (kept[both]).all() and not kept[~either].any()
+        flipped = both != either
+        assert torch.equal(kept[flipped], (pseudo == truth)[flipped])
+        assert float(stats["kept_fraction"]) == pytest.approx(kept.float().mean().item())
+        # the loss (step 8) goes through the oracle too
+        loss, loss_target, _ = method.pseudo_label_loss(torch.zeros_like(logits), logits, pseudo, 60, neighbors=8,
+                                                         ground_truth=truth)
+        assert torch.equal(loss_target, target)
+    assert method.pseudo_label_target is original
+    with oracle.oracle("mask"):
+        target, stats = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
+        assert torch.equal(target != 255, pseudo == truth) and float(stats["kept_accuracy"]) == 1.0
+        with pytest.raises(S4MCError, match="ground truth"):
+            method.pseudo_label_target(logits, pseudo, 60)
+    assert method.pseudo_label_target is original
+
+
+def test_mask_oracle_script_end_to_end(toy_root, tmp_path, capsys):
+    oracle, variants = _benchmark("mask_oracle"), _variants_module()
+    cfg, runs = _tiny_study_config(toy_root, tmp_path), tmp_path / "runs"
+    assert variants.main(["--config", str(cfg), "--seeds", "0", "--variants", "cutmix_seg", "--out", str(runs)]) == 0
+    assert oracle.main(["--config", str(cfg), "--oracles", "mask", "--seeds", "0", "--out", str(runs)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "oracle.json"
+    assert oracle.main(["--from-runs", str(runs), "--seeds", "0", "--json", str(out)]) == 0
+    assert "oracle_mask" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"cutmix_seg", "oracle_mask"}
+    row, base = result["variants"]["oracle_mask"], result["variants"]["cutmix_seg"]
+    assert row["kept_accuracy"] == 100.0 and base["kept_accuracy"] < 100.0
+    assert result["minus_cutmix_seg"]["oracle_mask"]["per_seed"] == [round(row["miou"][0] - base["miou"][0], 2)]
+    assert oracle.main(["--from-runs", str(tmp_path / "none"), "--seeds", "0"]) == 2
