@@ -326,6 +326,7 @@ def test_mask_oracle_script_end_to_end(toy_root, tmp_path, capsys):
     cfg, runs = _tiny_study_config(toy_root, tmp_path), tmp_path / "runs"
     assert variants.main(["--config", str(cfg), "--seeds", "0", "--variants", "cutmix_seg", "--out", str(runs)]) == 0
     assert oracle.main(["--config", str(cfg), "--oracles", "mask", "--seeds", "0", "--out", str(runs)]) == 0
+    assert "upper bound" in (runs / "oracle_mask_seed0" / "ORACLE.txt").read_text()
     capsys.readouterr()
     out = tmp_path / "oracle.json"
     assert oracle.main(["--from-runs", str(runs), "--seeds", "0", "--json", str(out)]) == 0
