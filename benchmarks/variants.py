@@ -21,7 +21,8 @@ the loss, "kept acc." the accuracy of those pseudo-labels against the (unused) g
 averaged over the logged windows of training; "unref." is the same without the refinement, at the
 same threshold gamma. "same share" is the accuracy the threshold alone gets when moved to keep as
 many pixels as the refinement kept: the refinement picks better pixels, as the paper claims, only
-where "kept acc." beats it. --plot draws mIoU per row (mean, std, every seed) and those quantities
+where "kept acc." beats it. "flipped" is the refinement's reach: the share of valid pixels whose keep/drop
+decision it changed (benchmarks/mask_oracle.py bounds what deciding those perfectly could buy). --plot draws mIoU per row (mean, std, every seed) and those quantities
 over training, refined (solid), unrefined (dashed) and same share (dotted), averaged over seeds.
 """
 
@@ -57,7 +58,7 @@ DEFAULT_VARIANTS = ["supervised", "supervised_all", "cutmix_seg", "s4mc", "s4mc_
 SEMI_ROWS = ("cutmix_seg", "s4mc")  # the ordering the paper's tables show: s4mc > cutmix_seg > supervised
 DIAGNOSTICS = {"kept": "kept_fraction", "kept_unrefined": "kept_fraction_unrefined",
                "kept_accuracy": "kept_accuracy", "kept_accuracy_unrefined": "kept_accuracy_unrefined",
-               "kept_accuracy_same_share": "kept_accuracy_same_share"}
+               "kept_accuracy_same_share": "kept_accuracy_same_share", "flipped": "flipped_fraction"}
 
 
 def row_overrides(name: str, base: dict, all_labels_list: str | None) -> list[str]:
@@ -255,13 +256,15 @@ def main(argv=None) -> int:
     if args.from_runs:  # the training time is the runs' own
         elapsed = sum(sum(r["seconds"] for r in rs) for rs in runs.values())
     print(f"\n{len(args.seeds)} seed(s) x {len(rows)} rows, {elapsed / 60:.1f} min of training; runs in {out}")
-    print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)   same share")
+    print(f"{'row':<15}{'mIoU per seed':<26}{'mean':>7}{'std':>6}   kept (unref.)   kept acc. (unref.)   same share"
+          f"   flipped")
     for n, r in rows.items():
         per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])
         kept = f"{r['kept']:5.1f} ({r['kept_unrefined']:5.1f})" if "kept" in r else "      -      "
         acc = f"{r['kept_accuracy']:5.1f} ({r['kept_accuracy_unrefined']:5.1f})" if "kept" in r else "      -"
         same = f"{r['kept_accuracy_same_share']:5.1f}" if "kept_accuracy_same_share" in r else "  -"
-        print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}        {same}")
+        flipped = f"{r['flipped']:5.2f}" if "flipped" in r else "  -"
+        print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}        {same}      {flipped}")
     checks = check_ordering(rows)
     if checks:
         print("\nchecks (issue 15):")

@@ -1,6 +1,6 @@
 """What the logs report about the pseudo-labels of a step.
 
-Kept fractions with and without refinement, how many pixels refinement flipped, and, when the
+Kept fractions with and without refinement, how many pixels refinement flipped (and their share), and, when the
 unlabeled images have ground truth (benchmarks, ablations), how often a kept pseudo-label is right.
 """
 import math
@@ -29,6 +29,8 @@ def pseudo_label_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, 
         "kept_fraction_unrefined": counts[2] / n_valid,
         "flipped_to_keep": counts[1] - counts[3],
         "flipped_to_drop": counts[2] - counts[3],
+        # the refinement's reach: the share of valid pixels whose keep/drop decision it changed
+        "flipped_fraction": (counts[1] + counts[2] - 2 * counts[3]) / n_valid,
     }
     if ground_truth is not None:
         # 0 when no kept pixel has ground truth, so averaged logs stay finite.

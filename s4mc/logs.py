@@ -153,7 +153,8 @@ class Progress:
             parts.append(f"γ {values['threshold']:.3f}")
             parts.append(f"kept {100 * values['kept_fraction']:.1f}% (unrefined {100 * values['kept_fraction_unrefined']:.1f}%)")
         if "flipped_to_keep" in values:
-            parts.append(f"refine +{values['flipped_to_keep']:.0f}/-{values['flipped_to_drop']:.0f} px")
+            share = f" ({100 * values['flipped_fraction']:.1f}%)" if "flipped_fraction" in values else ""
+            parts.append(f"refine +{values['flipped_to_keep']:.0f}/-{values['flipped_to_drop']:.0f} px{share}")
         if "kept_accuracy" in values:
             same = (f", same share {100 * values['kept_accuracy_same_share']:.1f}%"
                     if "kept_accuracy_same_share" in values else "")

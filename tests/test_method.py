@@ -264,6 +264,7 @@ def test_diagnostics_on_a_known_case():
     assert float(stats["kept_fraction"]) == pytest.approx(4 / 5)
     assert float(stats["kept_fraction_unrefined"]) == pytest.approx(4 / 5)
     assert int(stats["flipped_to_keep"]) == 1 and int(stats["flipped_to_drop"]) == 1
+    assert float(stats["flipped_fraction"]) == pytest.approx(2 / 5)
     # Kept with gt: refined {0, 1, 2, 4} -> right at 0 and 2; unrefined {0, 2, 4} -> right at 0 and 2.
     assert float(stats["kept_accuracy"]) == pytest.approx(2 / 4)
     assert float(stats["kept_accuracy_unrefined"]) == pytest.approx(2 / 3)

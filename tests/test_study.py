@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_run_writes_metrics_log_and_plots(toy_root, toy_cfg, tmp_path):
     semi = [r for r in train if "kept_accuracy_same_share" in r]  # the refinement's bar, once pseudo-labels start
     assert semi and all(0 <= r["kept_accuracy_same_share"] <= 1 for r in semi)
     assert "same share" in (tmp_path / "a" / "train.log").read_text()
+    # the refinement's reach: the pixels it added and dropped, as a share of the valid ones
+    assert all((r["flipped_fraction"] > 0) == (r["flipped_to_keep"] + r["flipped_to_drop"] > 0) for r in semi)
+    assert all(0 <= r["flipped_fraction"] <= 1 for r in semi)
+    assert re.search(r"refine \+\d+/-\d+ px \(\d+\.\d%\)", (tmp_path / "a" / "train.log").read_text())
     fig, (ax_kept, ax_acc) = plots.pyplot().subplots(1, 2)
     plots.draw_quantity_quality(ax_kept, ax_acc, {"a": train})
     assert "a same share" in [line.get_label() for line in ax_acc.lines]
@@ -207,6 +212,7 @@ def test_variants_script_end_to_end(toy_root, tmp_path):
     s4mc = result["variants"]["s4mc"]
     assert len(s4mc["miou"]) == 2 and s4mc["mean"] == pytest.approx(sum(s4mc["miou"]) / 2, abs=0.01)
     assert 0 < s4mc["kept"] <= 100 and "kept_accuracy" in s4mc and "kept_unrefined" in s4mc
+    assert 0 <= s4mc["flipped"] <= 100 and len(s4mc["flipped_per_seed"]) == 2
     assert result["variants"]["supervised"]["iterations"] == s4mc["iterations"] == [4, 4]
     paired = result["paired"]["s4mc - supervised"]
     assert paired["per_seed"] == [round(m - s, 2) for m, s in zip(s4mc["miou"], result["variants"]["supervised"]["miou"])]

@@ -465,7 +465,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
 
 
 DIAGNOSTICS = ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined",
-               "kept_accuracy_same_share", "flipped_to_keep", "flipped_to_drop", "threshold")
+               "kept_accuracy_same_share", "flipped_to_keep", "flipped_to_drop", "flipped_fraction", "threshold")
 
 
 def _groups(batches, size: int):
