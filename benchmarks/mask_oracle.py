@@ -1,6 +1,6 @@
-"""How much could any pixel selection buy on the toy? Upper bounds for S4MC over CutMix-Seg.
+"""How much could any pixel selection buy on the toy? Upper bounds for S4MC over CutMix-Seg, and a control.
 
-    python benchmarks/mask_oracle.py --oracles flips mask --seeds 0 1 2 --out DIR
+    python benchmarks/mask_oracle.py --oracles flips mask moved --seeds 0 1 2 --out DIR
     python benchmarks/mask_oracle.py --from-runs DIR --seeds 0 1 2 [--json PATH]
 
 Each oracle row is the toy config exactly as the `s4mc` row of benchmarks/variants.py runs it (same
@@ -15,6 +15,13 @@ bounds, not methods:
   oracle_mask   every pixel whose pseudo-label is right is kept and every wrong one dropped: the most
                 that any keep/drop rule could add, with the teacher's pseudo-labels as they are
 
+and one control that reads no ground truth:
+
+  moved_threshold  as many pixels as S4MC's refined mask keeps, chosen by the unrefined indicator alone
+                (the threshold moved to keep that share; ties by position): what the refinement is
+                worth beyond the number of pixels it keeps, the training-time twin of the logged
+                `kept_accuracy_same_share`
+
 The loss, its scaling and everything else are the method's. `--from-runs` reads the oracle runs and
 the study's `cutmix_seg` and `s4mc` runs from the same folder (benchmarks/variants.py --out DIR) and
 prints every seed, the rows' means and spreads, and each row minus CutMix-Seg paired by seed.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,9 +47,12 @@ from s4mc import method  # noqa: E402
 from s4mc.diagnostics import pseudo_label_diagnostics  # noqa: E402
 from s4mc.errors import S4MCError  # noqa: E402
 
-ORACLES = {"flips": "oracle_flips", "mask": "oracle_mask"}
-DESCRIBE = {"flips": "the pixels whose decision the refinement changes are kept exactly when right",
-            "mask": "every right pseudo-label kept, every wrong one dropped"}
+ORACLES = {"flips": "oracle_flips", "mask": "oracle_mask", "moved": "moved_threshold"}
+DESCRIBE = {"flips": "the pixels whose decision the refinement changes are kept exactly when right; an upper "
+                     "bound, not a method",
+            "mask": "every right pseudo-label kept, every wrong one dropped; an upper bound, not a method",
+            "moved": "as many pixels as the refinement keeps, chosen by the unrefined indicator; reads no "
+                     "ground truth"}
 COMPARED = ("cutmix_seg", "s4mc")
 
 
@@ -54,10 +65,20 @@ def oracle_keep(keep, keep_unrefined, right, mode):
     raise ValueError(f"unknown oracle {mode!r}; expected one of {sorted(ORACLES)}")
 
 
+def moved_threshold_keep(raw, valid, count, low_is_reliable=False):
+    """The `count` valid pixels the unrefined indicator `raw` ranks most reliable (ties by position)."""
+    score = raw.reshape(-1).float().masked_fill(~valid.reshape(-1), math.inf if low_is_reliable else -math.inf)
+    order = score.argsort(descending=not low_is_reliable, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return (rank < count).view_as(valid) & valid
+
+
 def oracle_target_fn(mode, original=method.pseudo_label_target):
-    """A drop-in for `s4mc.method.pseudo_label_target` whose mask is `oracle_keep`'s."""
+    """A drop-in for `s4mc.method.pseudo_label_target` whose mask is `oracle_keep`'s (or, for "moved",
+    `moved_threshold_keep`'s)."""
     def target(teacher_logits, pseudo_label, keep_percent, *, ground_truth=None, ignore_index=255, **kwargs):
-        if ground_truth is None:
+        if ground_truth is None and mode != "moved":
             raise S4MCError(f"oracle_{mode} reads the unlabeled images' ground truth, and this step has none")
         kwargs.pop("refine", None)
         refined, stats = original(teacher_logits, pseudo_label, keep_percent, ignore_index=ignore_index,
@@ -67,8 +88,13 @@ def oracle_target_fn(mode, original=method.pseudo_label_target):
         pseudo_label = pseudo_label.long()
         valid = pseudo_label != ignore_index
         keep_unrefined = unrefined != ignore_index
-        right = valid & (pseudo_label == ground_truth)
-        keep = oracle_keep(refined != ignore_index, keep_unrefined, right, mode)
+        keep = refined != ignore_index
+        if mode == "moved":
+            indicator = kwargs.get("indicator", "margin")
+            raw = method.indicator_map(torch.softmax(teacher_logits.detach().float(), dim=1), indicator)
+            keep = moved_threshold_keep(raw, valid, keep.sum(), low_is_reliable=indicator == "entropy")
+        else:
+            keep = oracle_keep(keep, keep_unrefined, valid & (pseudo_label == ground_truth), mode)
         diagnostics = pseudo_label_diagnostics(valid, keep, keep_unrefined, pseudo_label, ground_truth, ignore_index)
         return pseudo_label.masked_fill(~keep, ignore_index), {"threshold": stats["threshold"], **diagnostics}
     return target
@@ -96,8 +122,8 @@ def train_rows(args) -> int:
             return code
         for seed in args.seeds:  # the run's own header describes the s4mc row it was swapped into
             (Path(args.out) / f"{name}_seed{seed}" / "ORACLE.txt").write_text(
-                f"{name}: trained by benchmarks/mask_oracle.py with step 7's keep/drop decision read from the "
-                f"ground truth ({DESCRIBE[mode]}); an upper bound, not a method.\n")
+                f"{name}: trained by benchmarks/mask_oracle.py with step 7's keep/drop decision replaced: "
+                f"{DESCRIBE[mode]}.\n")
     return 0
 
 
@@ -127,11 +153,14 @@ def summarise(args) -> int:
               f"{r['mean']:7.2f}{r['std']:6.2f}   {kept}     {gap}")
     spread = max(rows[n]["std"] for n in COMPARED if n in rows)
     print(f"\nissue 15 asks S4MC to beat CutMix-Seg by more than the larger of their seed spreads, {spread:.2f} here;")
-    for n in ORACLES.values():
+    for n in ("oracle_flips", "oracle_mask"):
         if n in rows:
             verdict = "could" if rows[n]["mean"] - rows["cutmix_seg"]["mean"] > spread else "could not"
             print(f"  {n}: {rows[n]['mean'] - rows['cutmix_seg']['mean']:+.2f} over CutMix-Seg's mean; a selection "
                   f"this good {verdict} clear it")
+    if "moved_threshold" in rows and "s4mc" in rows:
+        print(f"  moved_threshold: {paired['moved_threshold']['mean']:+.2f} over CutMix-Seg paired by seed, S4MC "
+              f"{paired['s4mc']['mean']:+.2f}: the refinement's worth beyond the count of pixels it keeps is the difference")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"variants": rows, "seeds": args.seeds, "minus_cutmix_seg": paired,

@@ -327,6 +327,34 @@ def test_mask_oracle_keeps_what_it_says():
     assert method.pseudo_label_target is original
 
 
+def test_moved_threshold_keeps_the_refined_count_by_the_unrefined_ranking():
+    oracle = _benchmark("mask_oracle")
+    from s4mc import method
+
+    raw = torch.tensor([[0.9, 0.1, 0.5], [0.5, 0.7, 0.3]])
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    # the two 0.5s tie: the first by position is kept
+    assert oracle.moved_threshold_keep(raw, valid, torch.tensor(2)).tolist() == [[True, False, True],
+                                                                                  [False, False, False]]
+    assert oracle.moved_threshold_keep(raw, valid, torch.tensor(2), low_is_reliable=True).tolist() == [
+        [False, True, False], [False, False, True]]
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 10, 10) * 2
+    pseudo = logits.argmax(1)
+    pseudo[1, 0] = 255
+    for indicator in ("margin", "entropy"):
+        refined, _ = method.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
+        with oracle.oracle("moved"):  # reads no ground truth
+            target, stats = method.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
+        kept, valid = target != 255, pseudo != 255
+        assert int(kept.sum()) == int((refined != 255).sum()) and not (kept & ~valid).any()
+        raw = method.indicator_map(torch.softmax(logits, 1), indicator)
+        if indicator == "entropy":
+            raw = -raw
+        assert raw[kept].min() >= raw[valid & ~kept].max()
+        assert torch.equal(target[kept], pseudo[kept])
+
+
 def test_mask_oracle_script_end_to_end(toy_root, tmp_path, capsys):
     oracle, variants = _benchmark("mask_oracle"), _variants_module()
     cfg, runs = _tiny_study_config(toy_root, tmp_path), tmp_path / "runs"
