@@ -158,13 +158,17 @@ def summarise(args) -> int:
             verdict = "could" if rows[n]["mean"] - rows["cutmix_seg"]["mean"] > spread else "could not"
             print(f"  {n}: {rows[n]['mean'] - rows['cutmix_seg']['mean']:+.2f} over CutMix-Seg's mean; a selection "
                   f"this good {verdict} clear it")
+    beyond_count = None
     if "moved_threshold" in rows and "s4mc" in rows:
-        print(f"  moved_threshold: {paired['moved_threshold']['mean']:+.2f} over CutMix-Seg paired by seed, S4MC "
-              f"{paired['s4mc']['mean']:+.2f}: the refinement's worth beyond the count of pixels it keeps is the difference")
+        diffs = [m - c for m, c in zip(rows["s4mc"]["miou"], rows["moved_threshold"]["miou"])]
+        mean, std = variants.mean_std(diffs)
+        beyond_count = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2), "std": round(std, 2)}
+        print(f"  s4mc - moved_threshold, paired by seed (what the refinement's choice is worth beyond the number of "
+              f"pixels it keeps): {' '.join(f'{d:+.2f}' for d in diffs)}   mean {mean:+.2f} ± {std:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"variants": rows, "seeds": args.seeds, "minus_cutmix_seg": paired,
-                                               "spread": spread}, indent=2) + "\n")
+                                               "s4mc_minus_moved_threshold": beyond_count, "spread": spread}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

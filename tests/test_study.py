@@ -358,16 +358,20 @@ def test_moved_threshold_keeps_the_refined_count_by_the_unrefined_ranking():
 def test_mask_oracle_script_end_to_end(toy_root, tmp_path, capsys):
     oracle, variants = _benchmark("mask_oracle"), _variants_module()
     cfg, runs = _tiny_study_config(toy_root, tmp_path), tmp_path / "runs"
-    assert variants.main(["--config", str(cfg), "--seeds", "0", "--variants", "cutmix_seg", "--out", str(runs)]) == 0
-    assert oracle.main(["--config", str(cfg), "--oracles", "mask", "--seeds", "0", "--out", str(runs)]) == 0
+    assert variants.main(["--config", str(cfg), "--seeds", "0", "--variants", "cutmix_seg", "s4mc", "--out", str(runs)]) == 0
+    assert oracle.main(["--config", str(cfg), "--oracles", "mask", "moved", "--seeds", "0", "--out", str(runs)]) == 0
     assert "upper bound" in (runs / "oracle_mask_seed0" / "ORACLE.txt").read_text()
     capsys.readouterr()
     out = tmp_path / "oracle.json"
     assert oracle.main(["--from-runs", str(runs), "--seeds", "0", "--json", str(out)]) == 0
     assert "oracle_mask" in capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert set(result["variants"]) == {"cutmix_seg", "oracle_mask"}
-    row, base = result["variants"]["oracle_mask"], result["variants"]["cutmix_seg"]
+    rows = result["variants"]
+    assert set(rows) == {"cutmix_seg", "s4mc", "oracle_mask", "moved_threshold"}
+    row, base = rows["oracle_mask"], rows["cutmix_seg"]
     assert row["kept_accuracy"] == 100.0 and base["kept_accuracy"] < 100.0
     assert result["minus_cutmix_seg"]["oracle_mask"]["per_seed"] == [round(row["miou"][0] - base["miou"][0], 2)]
+    assert result["s4mc_minus_moved_threshold"]["per_seed"] == [
+        round(rows["s4mc"]["miou"][0] - rows["moved_threshold"]["miou"][0], 2)]
+    assert "no ground truth" in (runs / "moved_threshold_seed0" / "ORACLE.txt").read_text()
     assert oracle.main(["--from-runs", str(tmp_path / "none"), "--seeds", "0"]) == 2
