@@ -139,7 +139,7 @@ def summarise(args) -> int:
                                       for s in args.seeds]) for n in names}
     print(f"seeds {' '.join(map(str, args.seeds))}; runs in {out}")
     width = 8 * len(args.seeds) + 2
-    print(f"{'row':<14}{'mIoU per seed':<{width}}{'mean':>7}{'std':>6}   kept   kept acc.   "
+    print(f"{'row':<17}{'mIoU per seed':<{width}}{'mean':>7}{'std':>6}   kept   kept acc.   "
           f"minus cutmix_seg, paired by seed")
     base = rows["cutmix_seg"]["miou"]
     paired = {}
@@ -149,7 +149,7 @@ def summarise(args) -> int:
         paired[n] = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2), "std": round(std, 2)}
         kept = f"{r['kept']:5.1f}   {r['kept_accuracy']:5.1f}" if "kept" in r else "    -       -"
         gap = "" if n == "cutmix_seg" else f"{' '.join(f'{d:+6.2f}' for d in diffs)}   mean {mean:+.2f} ± {std:.2f}"
-        print(f"{n:<14}{' '.join(f'{v:7.2f}' for v in r['miou']):<{width}}"
+        print(f"{n:<17}{' '.join(f'{v:7.2f}' for v in r['miou']):<{width}}"
               f"{r['mean']:7.2f}{r['std']:6.2f}   {kept}     {gap}")
     spread = max(rows[n]["std"] for n in COMPARED if n in rows)
     print(f"\nissue 15 asks S4MC to beat CutMix-Seg by more than the larger of their seed spreads, {spread:.2f} here;")

@@ -21,9 +21,10 @@ the loss, "kept acc." the accuracy of those pseudo-labels against the (unused) g
 averaged over the logged windows of training; "unref." is the same without the refinement, at the
 same threshold gamma. "same share" is the accuracy the threshold alone gets when moved to keep as
 many pixels as the refinement kept: the refinement picks better pixels, as the paper claims, only
-where "kept acc." beats it. "flipped" is the refinement's reach: the share of valid pixels whose keep/drop
-decision it changed (benchmarks/mask_oracle.py bounds what deciding those perfectly could buy). --plot draws mIoU per row (mean, std, every seed) and those quantities
-over training, refined (solid), unrefined (dashed) and same share (dotted), averaged over seeds.
+where "kept acc." beats it. "flipped" is the refinement's reach: the share of valid pixels whose
+keep/drop decision it changed (benchmarks/mask_oracle.py bounds what deciding those perfectly could
+buy). --plot draws mIoU per row (mean, std, every seed) and those quantities over training, refined
+(solid), unrefined (dashed) and same share (dotted), averaged over seeds.
 """
 
 from __future__ import annotations

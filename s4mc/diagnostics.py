@@ -1,7 +1,8 @@
 """What the logs report about the pseudo-labels of a step.
 
-Kept fractions with and without refinement, how many pixels refinement flipped (and their share), and, when the
-unlabeled images have ground truth (benchmarks, ablations), how often a kept pseudo-label is right.
+Kept fractions with and without refinement, how many pixels refinement flipped (and their share),
+and, when the unlabeled images have ground truth (benchmarks, ablations), how often a kept
+pseudo-label is right.
 """
 import math
 
