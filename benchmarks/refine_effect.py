@@ -13,6 +13,10 @@ reports, at the same threshold gamma (docs/method.md steps 5-7):
             the refined accuracy's lead over it: above 0, the refinement picks better pixels than
             a different keep-percent would
 
+A second table says where the flips lie, for the same settings: the pixels the refinement adds and
+drops, how often their pseudo-label is right, and how many lie within 2 px of a class change in the
+ground truth ("true edge") or in the pseudo-label ("predicted edge"), against all valid pixels.
+
 This is the paper's quantity/quality claim measured directly on one teacher, without the noise of a
 training run: refinement is worth something only where it keeps more pixels at equal or better
 accuracy. The toy study (benchmarks/variants.py) is where the training-time effect is measured.
@@ -82,21 +86,50 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(y)
     logits, labels = torch.cat(logits), torch.stack(labels)
     pseudo = logits.argmax(1)
+    flip_rows = []
     print(f"{args.run.name}: {len(labels)} unlabeled images at {tuple(labels.shape[-2:])}, prior {args.prior}; pseudo-label pixel accuracy "
           f"{100 * (pseudo == labels)[labels != 255].float().mean():.2f}%")
     print(f"{'indicator':10s} {'nbrs':>4s} {'k':>2s} {'keep%':>5s} | {'kept %':>15s} | {'acc. %':>15s} | {'in/out per 1k':>13s} | {'same-share acc.':>15s}")
     valid = float((pseudo != 255).sum())
     for indicator in args.indicators:
         for neighbors, k, keep in itertools.product((4, 8), args.k, args.keep):
-            _, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
-                                              k=k, prior=prior, refine=True, ground_truth=labels)
+            target, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
+                                                   k=k, prior=prior, refine=True, ground_truth=labels)
+            unrefined, _ = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, prior=prior,
+                                                      refine=False)
+            flip_rows.append((f"{indicator:10s} {neighbors:4d} {k:2d} {keep:5.0f}", target != 255, unrefined != 255))
             same = float(s['kept_accuracy_same_share'])
             print(f"{indicator:10s} {neighbors:4d} {k:2d} {keep:5.0f} | "
                   f"{100 * float(s['kept_fraction_unrefined']):6.2f} -> {100 * float(s['kept_fraction']):6.2f} | "
                   f"{100 * float(s['kept_accuracy_unrefined']):6.2f} -> {100 * float(s['kept_accuracy']):6.2f} | "
                   f"{1000 * float(s['flipped_to_keep']) / valid:5.1f} / {1000 * float(s['flipped_to_drop']) / valid:5.1f} | "
                   f"{100 * same:6.2f} ({100 * (float(s['kept_accuracy']) - same):+5.2f})")
+    print_flip_table(flip_rows, pseudo, labels)
     return 0
+
+
+def near_edge(label_map, radius=2):
+    """Pixels within `radius` px of a class change in `label_map` [N,H,W] (255 counts as a class)."""
+    x = label_map[:, None].float()
+    edge = F.max_pool2d(x, 3, 1, 1) != -F.max_pool2d(-x, 3, 1, 1)
+    return F.max_pool2d(edge.float(), 2 * radius + 1, 1, radius)[:, 0] > 0
+
+
+def print_flip_table(rows, pseudo, labels):
+    valid = pseudo != 255
+    right = valid & (pseudo == labels)
+    true_edge, predicted_edge = near_edge(labels), near_edge(pseudo)
+
+    def describe(mask):
+        n = mask.sum().clamp(min=1).float()
+        return (f"{1000 * float(mask.sum()) / float(valid.sum()):5.1f} {100 * float((mask & right).sum()) / n:6.1f} "
+                f"{100 * float((mask & true_edge).sum()) / n:6.1f} {100 * float((mask & predicted_edge).sum()) / n:6.1f}")
+
+    print(f"\nwhere the flips lie: per 1k valid pixels, % right, % within 2 px of a true edge, of a predicted edge")
+    print(f"{'':6s}{'indicator':10s} {'nbrs':>4s} {'k':>2s} {'keep%':>5s} | {'added':>26s} | {'dropped':>26s} | "
+          f"{'all valid pixels':>26s}")
+    for setting, keep, keep_raw in rows:
+        print(f"flips {setting} | {describe(keep & ~keep_raw)} | {describe(keep_raw & ~keep)} | {describe(valid)}")
 
 
 if __name__ == "__main__":

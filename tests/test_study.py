@@ -261,8 +261,18 @@ def test_shift_and_refinement_tools_on_a_tiny_run(toy_root, toy_cfg, tmp_path, c
     assert all(0 <= v["miou"] <= 100 and 0 <= v["pixel_acc"] <= 100 for v in shift.values())
     capsys.readouterr()
     assert _benchmark("refine_effect").main([str(run), "--images", "3", "--keep", "60", "80"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("margin", "confidence"))]
-    assert len(lines) == 2 * 2 * 2
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith(("margin", "confidence"))]
+    flips = [line for line in out if line.startswith("flips ")]
+    assert len(lines) == len(flips) == 2 * 2 * 2
+    for line, where in zip(lines, flips):
+        # the second table describes the pixels the first one counts: same setting, same in / out per 1k
+        setting, added, dropped, everything = (part.split() for part in where.split("|"))
+        assert setting[1:] == line.split("|")[0].split()
+        in_out = line.split("|")[3].split()
+        assert float(added[0]) == float(in_out[0]) and float(dropped[0]) == float(in_out[2])
+        assert float(everything[0]) == 1000.0
+        assert all(0 <= float(v) <= 100 for v in added[1:] + dropped[1:] + everything[1:])
     for line in lines:
         setting, kept, acc, flips, same = (part.split() for part in line.split("|"))
         kept_raw, kept = float(kept[0]), float(kept[2])
@@ -375,3 +385,12 @@ def test_mask_oracle_script_end_to_end(toy_root, tmp_path, capsys):
         round(rows["s4mc"]["miou"][0] - rows["moved_threshold"]["miou"][0], 2)]
     assert "no ground truth" in (runs / "moved_threshold_seed0" / "ORACLE.txt").read_text()
     assert oracle.main(["--from-runs", str(tmp_path / "none"), "--seeds", "0"]) == 2
+
+
+def test_refine_effect_near_edge_on_a_known_map():
+    near_edge = _benchmark("refine_effect").near_edge
+    labels = torch.zeros(1, 5, 9, dtype=torch.long)
+    labels[..., 4:] = 1  # a class change between columns 3 and 4
+    assert near_edge(labels, radius=0)[0, 0].tolist() == [False] * 3 + [True, True] + [False] * 4
+    assert near_edge(labels, radius=2)[0, 2].tolist() == [False] + [True] * 6 + [False] * 2
+    assert not near_edge(torch.zeros(1, 4, 4, dtype=torch.long)).any()
