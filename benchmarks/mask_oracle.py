@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import variants  # noqa: E402  (benchmarks/variants.py: the study's runner and summaries)
 
 from s4mc import method  # noqa: E402
-from s4mc.diagnostics import pseudo_label_diagnostics  # noqa: E402
+from s4mc.diagnostics import pseudo_label_diagnostics, reliability_order  # noqa: E402
 from s4mc.errors import S4MCError  # noqa: E402
 
 ORACLES = {"flips": "oracle_flips", "mask": "oracle_mask", "moved": "moved_threshold"}
@@ -67,8 +66,7 @@ def oracle_keep(keep, keep_unrefined, right, mode):
 
 def moved_threshold_keep(raw, valid, count, low_is_reliable=False):
     """The `count` valid pixels the unrefined indicator `raw` ranks most reliable (ties by position)."""
-    score = raw.reshape(-1).float().masked_fill(~valid.reshape(-1), math.inf if low_is_reliable else -math.inf)
-    order = score.argsort(descending=not low_is_reliable, stable=True)
+    order = reliability_order(raw, valid, low_is_reliable)  # the ranking kept_accuracy_same_share uses
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
     return (rank < count).view_as(valid) & valid
@@ -142,13 +140,11 @@ def summarise(args) -> int:
     print(f"{'row':<17}{'mIoU per seed':<{width}}{'mean':>7}{'std':>6}   kept   kept acc.   "
           f"minus cutmix_seg, paired by seed")
     base = rows["cutmix_seg"]["miou"]
-    paired = {}
+    minus_cutmix = {}
     for n, r in rows.items():
-        diffs = [m - c for m, c in zip(r["miou"], base)]
-        mean, std = variants.mean_std(diffs)
-        paired[n] = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2), "std": round(std, 2)}
+        g = minus_cutmix[n] = variants.paired(r["miou"], base)
         kept = f"{r['kept']:5.1f}   {r['kept_accuracy']:5.1f}" if "kept" in r else "    -       -"
-        gap = "" if n == "cutmix_seg" else f"{' '.join(f'{d:+6.2f}' for d in diffs)}   mean {mean:+.2f} ± {std:.2f}"
+        gap = "" if n == "cutmix_seg" else f"{' '.join(f'{d:+6.2f}' for d in g['per_seed'])}   mean {g['mean']:+.2f} ± {g['std']:.2f}"
         print(f"{n:<17}{' '.join(f'{v:7.2f}' for v in r['miou']):<{width}}"
               f"{r['mean']:7.2f}{r['std']:6.2f}   {kept}     {gap}")
     spread = max(rows[n]["std"] for n in COMPARED if n in rows)
@@ -160,14 +156,12 @@ def summarise(args) -> int:
                   f"this good {verdict} clear it")
     beyond_count = None
     if "moved_threshold" in rows and "s4mc" in rows:
-        diffs = [m - c for m, c in zip(rows["s4mc"]["miou"], rows["moved_threshold"]["miou"])]
-        mean, std = variants.mean_std(diffs)
-        beyond_count = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2), "std": round(std, 2)}
+        g = beyond_count = variants.paired(rows["s4mc"]["miou"], rows["moved_threshold"]["miou"])
         print(f"  s4mc - moved_threshold, paired by seed (what the refinement's choice is worth beyond the number of "
-              f"pixels it keeps): {' '.join(f'{d:+.2f}' for d in diffs)}   mean {mean:+.2f} ± {std:.2f}")
+              f"pixels it keeps): {' '.join(f'{d:+.2f}' for d in g['per_seed'])}   mean {g['mean']:+.2f} ± {g['std']:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"variants": rows, "seeds": args.seeds, "minus_cutmix_seg": paired,
+        Path(args.json).write_text(json.dumps({"variants": rows, "seeds": args.seeds, "minus_cutmix_seg": minus_cutmix,
                                                "s4mc_minus_moved_threshold": beyond_count, "spread": spread}, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -141,17 +141,18 @@ def check_ordering(rows: dict) -> list[tuple[str, bool]]:
     return checks
 
 
+def paired(hi: list[float], lo: list[float]) -> dict:
+    """hi - lo seed by seed (two rows' mIoU lists in seed order), with their mean and std."""
+    diffs = [h - l for h, l in zip(hi, lo)]
+    mean, std = mean_std(diffs)
+    return {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2), "std": round(std, 2)}
+
+
 def paired_gaps(rows: dict) -> dict:
     """Each step of the ordering, seed by seed. Rows with the same seed share their warm-up and data
     order, so a row-to-row difference within a seed is much less noisy than the rows' seed spreads:
     this measures how large the effect itself is, which the unpaired checks above cannot."""
-    gaps = {}
-    for lo, hi in ordering_steps(rows):
-        diffs = [h - l for h, l in zip(rows[hi]["miou"], rows[lo]["miou"])]
-        mean, std = mean_std(diffs)
-        gaps[f"{hi} - {lo}"] = {"per_seed": [round(d, 2) for d in diffs], "mean": round(mean, 2),
-                                "std": round(std, 2)}
-    return gaps
+    return {f"{hi} - {lo}": paired(rows[hi]["miou"], rows[lo]["miou"]) for lo, hi in ordering_steps(rows)}
 
 
 def plot(path: Path, rows: dict, curves: dict, seeds: list[int]) -> None:

@@ -43,6 +43,14 @@ def pseudo_label_diagnostics(valid, keep, keep_raw, pseudo_label, ground_truth, 
     return stats
 
 
+def reliability_order(raw, valid, low_is_reliable=False):
+    """Flat pixel indices, the valid ones first, most reliable by the indicator map `raw` first;
+    ties broken by position. What a threshold moved to keep n pixels keeps: the first n."""
+    score = raw.detach().reshape(-1).float()
+    score = score.masked_fill(~valid.reshape(-1), math.inf if low_is_reliable else -math.inf)
+    return score.argsort(descending=not low_is_reliable, stable=True)
+
+
 def same_share_accuracy(raw, valid, kept, right, labelled, low_is_reliable=False):
     """Accuracy of the `kept` pixels the unrefined indicator `raw` ranks most reliable.
 
@@ -51,9 +59,7 @@ def same_share_accuracy(raw, valid, kept, right, labelled, low_is_reliable=False
     (docs/method.md, "The toy study"): it holds where `kept_accuracy` beats this number. Ties
     are broken by position; no host sync (`kept` is a device count).
     """
-    score = raw.detach().reshape(-1).float()
-    score = score.masked_fill(~valid.reshape(-1), math.inf if low_is_reliable else -math.inf)
-    order = score.argsort(descending=not low_is_reliable, stable=True)
+    order = reliability_order(raw, valid, low_is_reliable)
     ranked = torch.stack([right.reshape(-1)[order], labelled.reshape(-1)[order]]).cumsum(dim=1)
     at = (kept.long() - 1).clamp(min=0)
     right_n, labelled_n = ranked.index_select(1, at.view(1)).view(2).to(torch.float64)
