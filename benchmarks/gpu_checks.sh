@@ -18,7 +18,7 @@ timeout 90 $PY benchmarks/train_step.py --config $V --batch 8 --size 513 --relea
 timeout 60 $PY benchmarks/train_step.py --config $V --batch 8 --size 513 --amp bf16 --channels-last on --iters 20 --warmup 5 | tee -a "$OUT/step.jsonl"
 timeout 60 $PY benchmarks/train_step.py --config $V --batch 4 --size 513 --amp bf16 --channels-last on --iters 20 --warmup 5 --opts trainer.cudnn_benchmark=false | tee -a "$OUT/step.jsonl"
 [ "$(left)" -gt 200 ] && timeout $(( $(left) - 120 )) $PY benchmarks/train_step.py --config $V --batch 8 --size 513 --amp bf16 --channels-last on --compile --iters 30 --warmup 5 --profile "$OUT/profile_compile.txt" | tee -a "$OUT/step.jsonl"
-[ "$(left)" -gt 70 ] && timeout $(( $(left) - 5 )) $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_method.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
+[ "$(left)" -gt 70 ] && timeout $(( $(left) - 5 )) $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_pseudo_label.py 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 [ "$(left)" -gt 30 ] && timeout $(( $(left) - 5 )) $PY benchmarks/method.py --runs 9 --warmup 2 --ground-truth --backward | tail -2 | tee "$OUT/method.txt"
 $PY - "$OUT/step.jsonl" <<'PYEOF'
 import json, sys

@@ -2,17 +2,17 @@
 
     python benchmarks/margin_variants.py     # needs CUDA; prints one line per variant
 
-Kept because it decided `method.indicator_map`: the running top-2 (`loop`) beat two
+Kept because it decided `pseudo_label.indicator_map`: the running top-2 (`loop`) beat two
 max-reductions (`amax`) and `topk` on an H200 (benchmarks/RESULTS.md).
 """
 import math, statistics, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s4mc import method
-from s4mc.priors_table import PRIORS
+from s4mc import pseudo_label
+from s4mc.data.priors import PRIORS
 
-_METHOD_INDICATOR = method.indicator_map  # held here: the timing loop below patches the module
+_METHOD_INDICATOR = pseudo_label.indicator_map  # held here: the timing loop below patches the module
 
 
 def loop(prob):
@@ -46,7 +46,7 @@ ref = loop(prob)
 for name, fn in (("loop", loop), ("amax", amax), ("topk", topk)):
     assert torch.equal(fn(prob), ref), name
     ms = bench(lambda: fn(prob))
-    method.indicator_map = (lambda p, indicator="margin", fn=fn: fn(p))
-    full = bench(lambda: method.pseudo_label_loss(student, teacher, label, 80.0, prior=prior, ground_truth=label)[0].backward())
-    method.indicator_map = _METHOD_INDICATOR
+    pseudo_label.indicator_map = (lambda p, indicator="margin", fn=fn: fn(p))
+    full = bench(lambda: pseudo_label.pseudo_label_loss(student, teacher, label, 80.0, prior=prior, ground_truth=label)[0].backward())
+    pseudo_label.indicator_map = _METHOD_INDICATOR
     print(f"{name:5s} margin {ms:.3f} ms   full loss fwd+bwd with gt {full:.3f} ms", flush=True)

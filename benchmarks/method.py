@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from s4mc import method  # noqa: E402
-from s4mc.priors_table import PRIORS  # noqa: E402
+from s4mc import pseudo_label  # noqa: E402
+from s4mc.data.priors import PRIORS  # noqa: E402
 
 OFFSETS = {4: [(-1, 0), (1, 0), (0, -1), (0, 1)],
            8: [(-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]}
@@ -104,7 +104,7 @@ def main(argv=None):
     ground_truth = label.clone() if args.ground_truth else None
 
     def ours():
-        out = method.pseudo_label_loss(student, teacher, label, args.keep_percent, indicator="margin",
+        out = pseudo_label.pseudo_label_loss(student, teacher, label, args.keep_percent, indicator="margin",
                                        neighbors=args.neighbors, k=args.k, prior=prior, ground_truth=ground_truth)
         if args.backward:
             out[0].backward()
@@ -141,7 +141,7 @@ def main(argv=None):
     print("release-style runs (s): " + " ".join(f"{t:.4f}" for t in t_release) + f"  median {m_release:.4f}")
     print(f"speed-up (release-style / ours): {m_release / m_ours:.2f}x")
     print(json.dumps({
-        "benchmark": "method.pseudo_label_loss", "device": str(device), "shape": list(shape),
+        "benchmark": "pseudo_label.pseudo_label_loss", "device": str(device), "shape": list(shape),
         "neighbors": args.neighbors, "k": args.k, "runs": args.runs,
         "ground_truth": args.ground_truth, "backward": args.backward,
         "ours_s": [round(t, 5) for t in t_ours], "release_style_s": [round(t, 5) for t in t_release],

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s4mc import method  # noqa: E402
+from s4mc import pseudo_label  # noqa: E402
 from s4mc.config import load_config  # noqa: E402
 from s4mc.data import build_val_dataset  # noqa: E402
 from s4mc.models import build_model, load_checkpoint  # noqa: E402
-from s4mc.priors_table import resolve_prior  # noqa: E402
+from s4mc.data.priors import resolve_prior  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=96, help="unlabeled images to use (default: %(default)s)")
     ap.add_argument("--keep", type=float, nargs="+", default=[60, 70, 80, 90],
                     help="keep-percents (the schedule runs 60 -> 100 over training)")
-    ap.add_argument("--indicators", nargs="+", default=["margin", "confidence"], choices=method.INDICATORS,
+    ap.add_argument("--indicators", nargs="+", default=["margin", "confidence"], choices=pseudo_label.INDICATORS,
                     help="indicators to measure (default: %(default)s)")
     ap.add_argument("--k", type=int, nargs="+", default=[1],
                     help="neighbours folded in per class (trainer.unsupervised.num_neighbors; default: 1)")
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     valid = float((pseudo != 255).sum())
     for indicator in args.indicators:
         for neighbors, k, keep in itertools.product((4, 8), args.k, args.keep):
-            target, s = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
+            target, s = pseudo_label.pseudo_label_target(logits, pseudo, keep, indicator=indicator, neighbors=neighbors,
                                                    k=k, prior=prior, refine=True, ground_truth=labels)
-            unrefined, _ = method.pseudo_label_target(logits, pseudo, keep, indicator=indicator, prior=prior,
+            unrefined, _ = pseudo_label.pseudo_label_target(logits, pseudo, keep, indicator=indicator, prior=prior,
                                                       refine=False)
             flip_rows.append((f"{indicator:10s} {neighbors:4d} {k:2d} {keep:5.0f}", target != 255, unrefined != 255))
             same = float(s['kept_accuracy_same_share'])

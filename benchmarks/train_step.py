@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s4mc import method as s4mc_method  # noqa: E402
+from s4mc import pseudo_label as s4mc_method  # noqa: E402
 from s4mc.config import load_config  # noqa: E402
 from s4mc.distributed import DistInfo  # noqa: E402
 from s4mc.engine import loop, step  # noqa: E402

@@ -175,7 +175,7 @@ def load_for_eval(args, overrides: list[str]):
     from s4mc.distributed import init_distributed
     from s4mc.logs import setup_logging
     from s4mc.models import build_model, load_checkpoint
-    from s4mc.priors_table import resolve_prior
+    from s4mc.data.priors import resolve_prior
 
     cfg = load_config(args.config, overrides)
     dist = init_distributed(args.local_rank, args.device)

@@ -194,7 +194,7 @@ SCHEMA: dict = {
             "num_queries": _k(256, int, low=1),
             "temperature": _k(0.5, *NUM, low=1e-12),  # > 0
             "memory_capacity": _k(30000, int, low=1),
-            # true: the term as the release computed it, U2PL's four bugs included (s4mc/contrastive.py).
+            # true: the term as the release computed it, U2PL's four bugs included (s4mc/terms/contrastive_loss.py).
             "release_exact": _k(False, bool),
         },
     },

@@ -491,7 +491,7 @@ def evaluate(
     mode: "whole" | "center_crop" | "sliding". crop_size (int or [h, w]) is required
         by the last two. stride_rate: sliding stride as a fraction of the window.
     scales, flip: multi-scale / horizontal-flip softmax averaging.
-    refine: None/False, True (S4MC defaults), a dict of ``s4mc.method.refine`` kwargs
+    refine: None/False, True (S4MC defaults), a dict of ``s4mc.pseudo_label.refine`` kwargs
         (neighbors, k, prior), or a callable prob -> prob. Scored separately in
         ``result.refined`` from the same forward passes.
     device: where inputs go; default the model's. distributed: all-reduce the

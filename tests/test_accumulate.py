@@ -10,7 +10,7 @@ import torch
 import s4mc.models
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
-from s4mc.engine import loop
+from s4mc.engine import loop, optim
 from s4mc.engine.step import accumulated_step
 from s4mc.errors import ConfigError
 
@@ -107,17 +107,17 @@ def test_accumulate_rejects_bad_values(bad, toy_root, toy_cfg, tmp_path):
 def test_auto_reaches_the_recipe_batch(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.accumulate": "auto", "dataset.batch_size": 2,
                                           "recipe.global_batch": {"labeled": 16, "unlabeled": 16}})
-    assert loop.resolve_accumulate(cfg, world_size=4) == 2
-    assert loop.resolve_accumulate(cfg, world_size=1) == 8
+    assert optim.resolve_accumulate(cfg, world_size=4) == 2
+    assert optim.resolve_accumulate(cfg, world_size=1) == 8
     # and linear LR scaling sees the accumulated batch
     cfg["trainer"]["lr_scaling"], cfg["trainer"]["reference_batch"] = "linear", 16
-    assert loop.lr_scale(cfg, world_size=4) == pytest.approx(1.0)
+    assert optim.lr_scale(cfg, world_size=4) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match=r"16 is not a multiple of 6"):
-        loop.resolve_accumulate(cfg, world_size=3)
+        optim.resolve_accumulate(cfg, world_size=3)
     no_recipe = toy_cfg(toy_root, tmp_path, **{"trainer.accumulate": "auto"})
     no_recipe["recipe"]["global_batch"] = None
     with pytest.raises(ConfigError, match="recipe.global_batch"):
-        loop.resolve_accumulate(no_recipe, world_size=1)
+        optim.resolve_accumulate(no_recipe, world_size=1)
 
 
 def test_header_states_the_accumulation(toy_root, toy_cfg, tmp_path):
@@ -125,7 +125,7 @@ def test_header_states_the_accumulation(toy_root, toy_cfg, tmp_path):
     from s4mc.models import build_model
 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.accumulate": 2, "recipe.global_batch": {"labeled": 4, "unlabeled": 4}})
-    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    optimizer = optim.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
     facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=12, labeled_images=8,
                              unlabeled_images=24, val_images=5, amp_dtype=None, channels_last=False)
     text = format_run_header(facts)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s4mc import method
+from s4mc import pseudo_label
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
 from s4mc.errors import ConfigError
@@ -198,7 +198,7 @@ def test_compiled_indicator_maps_match_eager(eager_and_compiled):
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(BATCH, num_classes, SIZE, SIZE, generator=g) * 3  # the step's shapes: no recompile
     args = ("margin", 4, 1, compiled.prior, True)
-    raw_eager, refined_eager = method.indicator_maps(logits, *args)
+    raw_eager, refined_eager = pseudo_label.indicator_maps(logits, *args)
     raw_compiled, refined_compiled = compiled.indicator_maps(logits, *args)
     assert raw_compiled.dtype == refined_compiled.dtype == torch.float32
     torch.testing.assert_close(raw_compiled, raw_eager, rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from s4mc.contrastive import (
+from s4mc.terms.contrastive_loss import (
     ContrastiveMemory,
     ContrastiveSettings,
     _resize_labels,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from s4mc.contrastive import ContrastiveMemory, ContrastiveSettings, contrastive_loss, entropy_percentiles_at
+from s4mc.terms.contrastive_loss import ContrastiveMemory, ContrastiveSettings, contrastive_loss, entropy_percentiles_at
 
 
 def settings(release_exact, **kw):

@@ -267,7 +267,7 @@ def test_refined_result_from_same_pass():
 
 
 def test_refine_with_s4mc_method():
-    method = pytest.importorskip("s4mc.method")
+    method = pytest.importorskip("s4mc.pseudo_label")
     c = 3
     items = make_dataset([(11, 13)], channels=c, num_classes=c, seed=9)
     r = evaluate(Identity(), loader(items), num_classes=c, refine={"neighbors": 8, "k": 1, "prior": [0.1, 0.2, 0.3]})

@@ -14,7 +14,7 @@ from PIL import Image
 
 from s4mc.cli import train_main
 from s4mc.config import load_config
-from s4mc.engine import loop
+from s4mc.engine import optim
 from s4mc.engine.run_header import build_run_header, format_run_header, main, preview_run_header
 from s4mc.models import build_model
 
@@ -102,7 +102,7 @@ def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.lr_scaling": "linear", "trainer.head_lr_mult": 10,
                                          "evaluation.mode": "sliding", "evaluation.flip": True,
                                          "evaluation.crop_size": 24})
-    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=2)
+    optimizer = optim.build_optimizer(build_model(cfg["net"]), cfg, world_size=2)
     facts = build_run_header(cfg, world_size=2, optimizer=optimizer, iters_per_epoch=10, labeled_images=8,
                              unlabeled_images=24, val_images=5, amp_dtype=torch.bfloat16, channels_last=True,
                              accumulate=2)
@@ -184,7 +184,7 @@ def test_preview_command_on_the_voc_config(tmp_path, capsys):
 
 def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.mode": "sup", "trainer.eval_on": False})
-    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    optimizer = optim.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
     facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
                              unlabeled_images=None, val_images=None, amp_dtype=None, channels_last=False)
     text = format_run_header(facts)
@@ -196,7 +196,7 @@ def test_supervised_mode_header(toy_root, toy_cfg, tmp_path):
 @pytest.mark.parametrize("teacher_start", ["parameters", "all"])
 def test_header_says_when_the_teacher_takes_the_students_bn_statistics(teacher_start, toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.teacher_start": teacher_start})
-    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    optimizer = optim.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
     facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
                              unlabeled_images=8, val_images=None, amp_dtype=None, channels_last=False)
     assert facts["method"]["teacher_start"] == teacher_start
@@ -208,7 +208,7 @@ def test_header_says_when_the_teacher_takes_the_students_bn_statistics(teacher_s
 def test_unimatch_header_names_the_method(toy_root, toy_cfg, tmp_path, refine):
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.method": "unimatch", "trainer.unsupervised.refine": refine,
                                           "trainer.unimatch.fp": False, "trainer.unimatch.weight_strong": 0.5})
-    optimizer = loop.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
+    optimizer = optim.build_optimizer(build_model(cfg["net"]), cfg, world_size=1)
     facts = build_run_header(cfg, world_size=1, optimizer=optimizer, iters_per_epoch=4, labeled_images=8,
                              unlabeled_images=16, val_images=5, amp_dtype=None, channels_last=False)
     method = next(line for line in format_run_header(facts).splitlines() if line.strip().startswith("method"))

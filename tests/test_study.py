@@ -305,41 +305,41 @@ def test_mask_oracle_keeps_what_it_says():
     assert oracle.oracle_keep(keep, keep_unrefined, right, "flips").tolist() == [True, True, False, False, False, True]
     assert oracle.oracle_keep(keep, keep_unrefined, right, "mask").tolist() == right.tolist()
 
-    from s4mc import method
+    from s4mc import pseudo_label
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 12, 12) * 3
     pseudo = logits.argmax(1)
     truth = torch.where(torch.rand(2, 12, 12) < 0.7, pseudo, torch.randint(0, 4, (2, 12, 12)))
     truth[0, :2] = 255
-    refined, _ = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=True)
-    unrefined, _ = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=False)
+    refined, _ = pseudo_label.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=True)
+    unrefined, _ = pseudo_label.pseudo_label_target(logits, pseudo, 60, neighbors=8, refine=False)
     both, either = (refined != 255) & (unrefined != 255), (refined != 255) | (unrefined != 255)
     assert (both != either).any()  # the case has flipped pixels to decide
-    original = method.pseudo_label_target
+    original = pseudo_label.pseudo_label_target
     with oracle.oracle("flips"):
-        target, stats = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
+        target, stats = pseudo_label.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
         kept = target != 255
         assert (kept[both]).all() and not kept[~either].any()
         flipped = both != either
         assert torch.equal(kept[flipped], (pseudo == truth)[flipped])
         assert float(stats["kept_fraction"]) == pytest.approx(kept.float().mean().item())
         # the loss (step 8) goes through the oracle too
-        loss, loss_target, _ = method.pseudo_label_loss(torch.zeros_like(logits), logits, pseudo, 60, neighbors=8,
+        loss, loss_target, _ = pseudo_label.pseudo_label_loss(torch.zeros_like(logits), logits, pseudo, 60, neighbors=8,
                                                          ground_truth=truth)
         assert torch.equal(loss_target, target)
-    assert method.pseudo_label_target is original
+    assert pseudo_label.pseudo_label_target is original
     with oracle.oracle("mask"):
-        target, stats = method.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
+        target, stats = pseudo_label.pseudo_label_target(logits, pseudo, 60, neighbors=8, ground_truth=truth)
         assert torch.equal(target != 255, pseudo == truth) and float(stats["kept_accuracy"]) == 1.0
         with pytest.raises(S4MCError, match="ground truth"):
-            method.pseudo_label_target(logits, pseudo, 60)
-    assert method.pseudo_label_target is original
+            pseudo_label.pseudo_label_target(logits, pseudo, 60)
+    assert pseudo_label.pseudo_label_target is original
 
 
 def test_moved_threshold_keeps_the_refined_count_by_the_unrefined_ranking():
     oracle = _benchmark("mask_oracle")
-    from s4mc import method
+    from s4mc import pseudo_label
 
     raw = torch.tensor([[0.9, 0.1, 0.5], [0.5, 0.7, 0.3]])
     valid = torch.tensor([[True, True, True], [True, False, True]])
@@ -353,12 +353,12 @@ def test_moved_threshold_keeps_the_refined_count_by_the_unrefined_ranking():
     pseudo = logits.argmax(1)
     pseudo[1, 0] = 255
     for indicator in ("margin", "entropy"):
-        refined, _ = method.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
+        refined, _ = pseudo_label.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
         with oracle.oracle("moved"):  # reads no ground truth
-            target, stats = method.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
+            target, stats = pseudo_label.pseudo_label_target(logits, pseudo, 70, indicator=indicator, neighbors=8)
         kept, valid = target != 255, pseudo != 255
         assert int(kept.sum()) == int((refined != 255).sum()) and not (kept & ~valid).any()
-        raw = method.indicator_map(torch.softmax(logits, 1), indicator)
+        raw = pseudo_label.indicator_map(torch.softmax(logits, 1), indicator)
         if indicator == "entropy":
             raw = -raw
         assert raw[kept].min() >= raw[valid & ~kept].max()

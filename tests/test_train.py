@@ -16,7 +16,8 @@ import yaml
 
 from s4mc.config import load_config
 from s4mc.engine import loop as loop_mod
-from s4mc.engine.schedule import ema_momentum, poly_lr
+from s4mc.ema import ema_momentum
+from s4mc.engine.optim import poly_lr
 from s4mc.engine.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]

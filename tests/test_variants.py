@@ -10,7 +10,7 @@ import torch
 
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
-from s4mc.engine import loop
+from s4mc.engine import loop, optim
 from s4mc.engine.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_linear_lr_scaling(toy_root, toy_cfg, tmp_path):
     # global batch 2 × 1 process over the reference 16
     assert backbone["initial_lr"] == pytest.approx(0.01 * 2 / 16)
     assert head["initial_lr"] == pytest.approx(0.01 * 2 / 16 * 10)
-    assert loop.lr_scale(cfg, world_size=8) == pytest.approx(1.0)
+    assert optim.lr_scale(cfg, world_size=8) == pytest.approx(1.0)
     off = toy_cfg(toy_root, tmp_path, **{"trainer.optimizer.kwargs.lr": 0.01})
     assert loop.build_state(off, DistInfo(), iters_per_epoch=8).optimizer.param_groups[0]["initial_lr"] == 0.01
 

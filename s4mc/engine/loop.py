@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from s4mc import method
+from s4mc import pseudo_label
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.batches import build_partner_loader, epoch_batches
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
+from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
@@ -36,53 +37,6 @@ class TrainingDiverged(S4MCError):
 
 
 # --------------------------------------------------------------------------- set-up helpers
-def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_scaler: bool = False) -> torch.optim.Optimizer:
-    """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (docs/method.md step 10)."""
-    tr = cfg["trainer"]
-    kwargs = dict(tr["optimizer"]["kwargs"])
-    base_lr = kwargs.pop("lr") * lr_scale(cfg, world_size)
-    head_mult = tr["head_lr_mult"]
-    if head_mult is None:
-        head_mult = 10.0 if cfg["dataset"]["type"] == "pascal" else 1.0
-    backbone = [p for p in model.encoder.parameters() if p.requires_grad]
-    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
-    groups = [
-        {"params": backbone, "lr": base_lr, "initial_lr": base_lr, "name": "backbone"},
-        {"params": head, "lr": base_lr * head_mult, "initial_lr": base_lr * head_mult, "name": "head"},
-    ]
-    fused = tr["optimizer"]["fused"]
-    on_cuda = backbone[0].is_cuda
-    if fused == "auto":
-        # Not with fp16's GradScaler: a skipped (inf) first step must not seed the momentum buffers.
-        fused = on_cuda and not grad_scaler
-    extra = {"fused": True} if fused and on_cuda else {}
-    return torch.optim.SGD(groups, lr=base_lr, **kwargs, **extra)
-
-
-def lr_scale(cfg: dict, world_size: int) -> float:
-    """`lr_scaling: linear` multiplies the LR by global batch / reference batch."""
-    if cfg["trainer"]["lr_scaling"] != "linear":
-        return 1.0
-    return cfg["dataset"]["batch_size"] * world_size * resolve_accumulate(cfg, world_size) / cfg["trainer"]["reference_batch"]
-
-
-def resolve_accumulate(cfg: dict, world_size: int) -> int:
-    """`trainer.accumulate` as a number: "auto" reaches the recipe's global batch with this world size."""
-    acc = cfg["trainer"]["accumulate"]
-    if acc != "auto":
-        return int(acc)
-    recipe = (cfg.get("recipe") or {}).get("global_batch") or {}
-    wanted, per = recipe.get("labeled"), cfg["dataset"]["batch_size"] * world_size
-    if not wanted:
-        raise ConfigError("trainer.accumulate: auto needs recipe.global_batch.labeled in the config (the recipe's "
-                          "global batch); set it, or give trainer.accumulate a number")
-    if wanted % per:
-        raise ConfigError(f"trainer.accumulate: auto cannot reach the recipe's global batch {wanted} from "
-                          f"{world_size} process(es) × dataset.batch_size {cfg['dataset']['batch_size']} = {per}: "
-                          f"{wanted} is not a multiple of {per}; change dataset.batch_size or give a number")
-    return wanted // per
-
-
 def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
     """Compute `rep` only when the contrastive term uses it.
 
@@ -100,7 +54,7 @@ def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
 def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     """Student, teacher, optimizer and the rest, placed on the device."""
     from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
-    from s4mc.priors_table import resolve_prior
+    from s4mc.data.priors import resolve_prior
 
     tr = cfg["trainer"]
     student = build_model(cfg["net"])
@@ -135,7 +89,7 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
         teacher_forward = torch.compile(teacher, dynamic=False)
         # The S4MC loss's dense part (softmax, indicator, refinement): ~45 elementwise passes
         # over [B, C, H, W] in eager mode, a few fused kernels compiled. Still fp32 throughout.
-        indicator_maps = torch.compile(method.indicator_maps, dynamic=False)
+        indicator_maps = torch.compile(pseudo_label.indicator_maps, dynamic=False)
         log.info("trainer.compile: the first step compiles student and teacher (about 3 min for R101 "
                  "on 16 cores; seconds once inductor's cache is warm)")
         if dist.distributed and cfg["net"]["sync_bn"]:

@@ -9,14 +9,22 @@ and stores the same facts under "protocol" in the run's environment.json.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 
 import torch
 
+from s4mc.config import load_config
 from s4mc.data.datasets import default_unlabeled_list, read_split
-from s4mc.errors import DataError
+from s4mc.engine.optim import build_optimizer, resolve_accumulate
+from s4mc.errors import DataError, S4MCError, clean_message
+from s4mc.models import build_model
+from s4mc.runtime import resolve_amp
 
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
 
@@ -61,7 +69,6 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     ds, tr, recipe = cfg["dataset"], cfg["trainer"], cfg["recipe"]
     sup_only = tr["mode"] == "sup"
     if accumulate is None:
-        from s4mc.engine.loop import resolve_accumulate
         accumulate = resolve_accumulate(cfg, world_size)
     per_process = {"labeled": ds["batch_size"], "unlabeled": 0 if sup_only else ds["batch_size"]}
     global_batch = {k: v * world_size * accumulate for k, v in per_process.items()}
@@ -295,12 +302,6 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
     LRs from the optimizer that training builds, on a model built without its pretrained weights
     (they do not change the groups). AMP and channels_last resolve as training would on `device`.
     """
-    import copy
-    import math
-
-    from s4mc.engine.loop import build_optimizer, resolve_amp
-    from s4mc.models import build_model
-
     ds, tr = cfg["dataset"], cfg["trainer"]
     bs = ds["batch_size"]
     # read_split raises the loaders' own errors (file named, with the fetch hint for VOC/Cityscapes).
@@ -327,12 +328,6 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m s4mc.engine.run_header --config C --world-size N`: the header before launching."""
-    import argparse
-    import sys
-
-    from s4mc.config import load_config
-    from s4mc.errors import S4MCError, clean_message
-
     parser = argparse.ArgumentParser(
         prog="python -m s4mc.engine.run_header",
         description="Print the protocol header a training run of this config would log (dataset and split "

@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 
-from s4mc.engine.ema import ema_update
-from s4mc.engine.schedule import ema_momentum, set_lr
+from s4mc.ema import ema_momentum, ema_update
+from s4mc.engine.optim import set_lr
 from s4mc.engine.state import TrainState
 
 

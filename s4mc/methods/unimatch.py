@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from s4mc import mixing
-from s4mc.engine.losses import supervised_loss
-from s4mc.method import S4MCSettings
+from s4mc.losses import supervised_loss
+from s4mc.pseudo_label import S4MCSettings
 from s4mc.methods import StepLoss, register_method
 from s4mc.methods.mean_teacher import begin_semi_phase, supervised_step, upsample, visuals
 

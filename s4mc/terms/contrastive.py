@@ -1,6 +1,6 @@
 """U2PL's contrastive term as a plug-in (docs/method.md step 9, "S4MC + U2PL").
 
-The loss itself lives in s4mc/contrastive.py; this file is what the training step needs from
+The loss itself lives in s4mc/terms/contrastive_loss.py; this file is what the training step needs from
 it: a builder from `trainer.contrastive` (or `trainer.terms.contrastive`), the per-class
 negative bank as the term's state, and the one metric it logs.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from s4mc.config import SCHEMA
-from s4mc.contrastive import ContrastiveMemory, ContrastiveSettings, all_gather_rows, contrastive_loss
+from s4mc.terms.contrastive_loss import ContrastiveMemory, ContrastiveSettings, all_gather_rows, contrastive_loss
 from s4mc.terms import TermInputs, register_term
 
 

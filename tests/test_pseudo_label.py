@@ -1,4 +1,4 @@
-"""Tests for s4mc.method (docs/method.md steps 5-8) and s4mc.priors_table."""
+"""Tests for s4mc.method (docs/method.md steps 5-8) and s4mc.data.priors."""
 import functools
 import json
 import math
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s4mc import diagnostics, method
-from s4mc.engine.schedule import keep_percent_at
+from s4mc import diagnostics, pseudo_label
+from s4mc.pseudo_label import keep_percent_at
 from s4mc.errors import ConfigError
-from s4mc.priors_table import PRIORS, resolve_prior
+from s4mc.data.priors import PRIORS, resolve_prior
 
 # Measured from the original release; provenance in tests/data/README.md.
 DATA = Path(__file__).resolve().parent / "data"
@@ -52,18 +52,18 @@ def test_matches_release_case(index):
     prior = resolve_prior("auto", case["teacher_logits"].shape[1], case["dataset"])
     options = dict(indicator=case["indicator"], neighbors=case["neighbors"], k=case["k"], prior=prior)
 
-    refined = method.refine(torch.softmax(case["teacher_logits"], 1), case["neighbors"], case["k"], prior)
+    refined = pseudo_label.refine(torch.softmax(case["teacher_logits"], 1), case["neighbors"], case["k"], prior)
     torch.testing.assert_close(refined, case["refined_prob"], atol=1e-6, rtol=0)
 
-    target, stats = method.pseudo_label_target(case["teacher_logits"], case["pseudo_label"],
+    target, stats = pseudo_label.pseudo_label_target(case["teacher_logits"], case["pseudo_label"],
                                                case["keep_percent"], **options)
     gamma = float(case["threshold"])
     assert stats["threshold"].dtype == torch.float64
     assert float(stats["threshold"]) == pytest.approx(gamma, rel=1e-6)
-    near = (method.indicator_map(refined, case["indicator"]).double() - gamma).abs() <= 1e-6
+    near = (pseudo_label.indicator_map(refined, case["indicator"]).double() - gamma).abs() <= 1e-6
     assert torch.equal(target[~near], case["target_after"][~near])
 
-    loss, _, _ = method.pseudo_label_loss(case["student_logits"], case["teacher_logits"], case["pseudo_label"],
+    loss, _, _ = pseudo_label.pseudo_label_loss(case["student_logits"], case["teacher_logits"], case["pseudo_label"],
                                        case["keep_percent"], **options)
     assert float(loss) == pytest.approx(float(case["loss"]), rel=1e-5)
 
@@ -85,7 +85,7 @@ def test_margin_equals_sorted_top2_difference(ties):
         prob = prob.mul(4).round().div(4)  # many exact ties, including for the maximum
     top2 = prob.sort(dim=1, descending=True).values[:, :2]
     expected = top2[:, 0] - top2[:, 1]
-    got = method.indicator_map(prob, "margin")
+    got = pseudo_label.indicator_map(prob, "margin")
     assert torch.equal(got, expected)
     if ties:
         assert (expected == 0).any()  # the case a masked second maximum would get wrong
@@ -104,7 +104,7 @@ def test_threshold_equals_numpy_percentile(seed, percentile_path):
     valid.view(-1)[0] = True
     for percent in (0.0, 12.5, 40.0, 50.0, 73.3, 99.9, 100.0):
         expected = np.percentile(values[valid].numpy(), percent)
-        got = method.threshold(values, valid, percent)
+        got = pseudo_label.threshold(values, valid, percent)
         assert got.dtype == torch.float64 and got.dim() == 0
         assert float(got) == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
 
@@ -113,8 +113,8 @@ def test_threshold_of_float32_map_and_empty_mask(percentile_path):
     values = torch.rand(3, 4, 5)
     valid = torch.ones(3, 4, 5, dtype=torch.bool)
     expected = np.percentile(values.numpy().astype(np.float64), 40)
-    assert float(method.threshold(values, valid, 40)) == pytest.approx(expected, rel=1e-12)
-    assert float(method.threshold(values, torch.zeros_like(valid), 40)) == 0.0
+    assert float(pseudo_label.threshold(values, valid, 40)) == pytest.approx(expected, rel=1e-12)
+    assert float(pseudo_label.threshold(values, torch.zeros_like(valid), 40)) == 0.0
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ def test_threshold_above_quantile_size_limit(percentile_path):
     values = torch.rand(2**24 + 1000, generator=g)
     valid = torch.ones(values.shape, dtype=torch.bool)
     valid[:500] = False
-    got = method.threshold(values, valid, 37.5)
+    got = pseudo_label.threshold(values, valid, 37.5)
     expected = np.percentile(values.numpy()[500:].astype(np.float64), 37.5)
     assert float(got) == pytest.approx(float(expected), rel=1e-12)
 
@@ -156,18 +156,18 @@ def test_refine_matches_direct_transcription(neighbors, k, with_prior):
     prob = torch.softmax(torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(k)), 1)
     prior = torch.tensor([0.9, 0.2, 0.5]) if with_prior else None
     expected = _refine_by_loops(prob, neighbors, k, prior)
-    torch.testing.assert_close(method.refine(prob, neighbors, k, prior).double(), expected,
+    torch.testing.assert_close(pseudo_label.refine(prob, neighbors, k, prior).double(), expected,
                                atol=1e-6, rtol=0)
 
 
 def test_constant_map_refined_identically_away_from_borders():
     prob = torch.full((1, 4, 9, 10), 0.25)
     for neighbors in (4, 8):
-        refined = method.refine(prob, neighbors, neighbors, torch.tensor([0.1, 0.5, 0.9, 1.0]))
+        refined = pseudo_label.refine(prob, neighbors, neighbors, torch.tensor([0.1, 0.5, 0.9, 1.0]))
         inner = refined[..., 1:-1, 1:-1]
         assert torch.equal(inner, inner[..., :1, :1].expand_as(inner))
         assert not torch.equal(refined[..., 0, 0], inner[..., 0, 0])  # zero padding: a corner lacks neighbours
-    assert method.refine(prob.double()).dtype == torch.float64
+    assert pseudo_label.refine(prob.double()).dtype == torch.float64
 
 
 def test_margin_gain_where_neighbours_agree():
@@ -176,16 +176,16 @@ def test_margin_gain_where_neighbours_agree():
     # classes gains nothing, one whose doubt is spread over other classes gains.
     rows = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.5, 0.2, 0.2, 0.1], [0.3, 0.25, 0.25, 0.2]], dtype=torch.float64)
     prob = rows.view(3, 4, 1, 1).expand(3, 4, 5, 5).contiguous()
-    refined = method.indicator_map(method.refine(prob, neighbors=8), "margin")[:, 2, 2]
+    refined = pseudo_label.indicator_map(pseudo_label.refine(prob, neighbors=8), "margin")[:, 2, 2]
     p1, p2 = rows[:, 0], rows[:, 1]
-    assert torch.allclose(refined, (p1 - p2) * (1 + method.BETA * (1 - p1 - p2)), atol=1e-12, rtol=0)
+    assert torch.allclose(refined, (p1 - p2) * (1 + pseudo_label.BETA * (1 - p1 - p2)), atol=1e-12, rtol=0)
     assert refined[0] == pytest.approx(0.2) and refined[1] > 0.3 and refined[2] > 0.05
 
 
 def test_refine_off_is_identity_on_the_mask():
     student, teacher, label = _random_case(1)
-    target, stats = method.pseudo_label_target(teacher, label, 70.0, refine=False)
-    margin = method.indicator_map(torch.softmax(teacher, 1), "margin").double()
+    target, stats = pseudo_label.pseudo_label_target(teacher, label, 70.0, refine=False)
+    margin = pseudo_label.indicator_map(torch.softmax(teacher, 1), "margin").double()
     expected = torch.where((label != 255) & (margin > stats["threshold"]), label, 255)
     assert torch.equal(target, expected)
     assert stats["kept_fraction"] == stats["kept_fraction_unrefined"]
@@ -194,19 +194,19 @@ def test_refine_off_is_identity_on_the_mask():
 
 # ---------------------------------------------------------------- mask, loss, diagnostics
 
-@pytest.mark.parametrize("indicator", method.INDICATORS)
+@pytest.mark.parametrize("indicator", pseudo_label.INDICATORS)
 @pytest.mark.parametrize("keep", [60.0, 80.0, 95.0])
 def test_kept_fraction_follows_keep_percent_without_refinement(indicator, keep):
     _, teacher, label = _random_case(2, batch=2, height=20, width=25)
-    _, stats = method.pseudo_label_target(teacher, label, keep, indicator=indicator, refine=False)
+    _, stats = pseudo_label.pseudo_label_target(teacher, label, keep, indicator=indicator, refine=False)
     n_valid = int((label != 255).sum())
     assert abs(float(stats["kept_fraction"]) * n_valid - keep / 100 * n_valid) <= 1.0
 
 
 def test_loss_is_u2pl_scaled_cross_entropy():
     student, teacher, label = _random_case(3)
-    loss, _, _ = method.pseudo_label_loss(student, teacher, label, 70.0, indicator="entropy", neighbors=8, k=2)
-    target, _ = method.pseudo_label_target(teacher, label, 70.0, indicator="entropy", neighbors=8, k=2)
+    loss, _, _ = pseudo_label.pseudo_label_loss(student, teacher, label, 70.0, indicator="entropy", neighbors=8, k=2)
+    target, _ = pseudo_label.pseudo_label_target(teacher, label, 70.0, indicator="entropy", neighbors=8, k=2)
     kept = int((target != 255).sum())
     expected = target.numel() / kept * F.cross_entropy(student, target, ignore_index=255)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
@@ -216,7 +216,7 @@ def test_nothing_kept_gives_zero_loss_with_finite_gradient():
     student, teacher, label = _random_case(4)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    loss, _, stats = method.pseudo_label_loss(student, teacher, label, 0.0, refine=False)
+    loss, _, stats = pseudo_label.pseudo_label_loss(student, teacher, label, 0.0, refine=False)
     assert float(stats["kept_fraction"]) == 0.0
     assert float(loss.detach()) == 0.0
     loss.backward()
@@ -227,7 +227,7 @@ def test_gradient_reaches_student_only():
     student, teacher, label = _random_case(5)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    loss, _, stats = method.pseudo_label_loss(student, teacher, label, 80.0)
+    loss, _, stats = pseudo_label.pseudo_label_loss(student, teacher, label, 80.0)
     loss.backward()
     assert student.grad.abs().sum() > 0 and teacher.grad is None
     assert all(not v.requires_grad for v in stats.values())
@@ -236,13 +236,13 @@ def test_gradient_reaches_student_only():
 def test_half_precision_inputs_give_full_precision_results():
     student, teacher, label = _random_case(6)
     ground_truth = label.clone()
-    loss, _, stats = method.pseudo_label_loss(student.bfloat16(), teacher.bfloat16(), label, 80.0,
+    loss, _, stats = pseudo_label.pseudo_label_loss(student.bfloat16(), teacher.bfloat16(), label, 80.0,
                                            ground_truth=ground_truth)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert stats["threshold"].dtype == torch.float64
     for name in ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined"):
         assert stats[name].dtype == torch.float64 and stats[name].dim() == 0
-    assert method.refine(torch.softmax(teacher, 1).half()).dtype == torch.float32
+    assert pseudo_label.refine(torch.softmax(teacher, 1).half()).dtype == torch.float32
 
 
 def test_diagnostics_on_a_known_case():
@@ -258,7 +258,7 @@ def test_diagnostics_on_a_known_case():
     torch.testing.assert_close(refined_margin[:5], torch.tensor([0.6756, 0.2965, 0.3345, 0.0629, 0.4949],
                                                                 dtype=torch.float64), atol=1e-4, rtol=0)
     # So refinement keeps pixel 1 (.16 -> .30 > gamma) and drops pixel 3 (.24 -> .06).
-    target, stats = method.pseudo_label_target(teacher, label, 80.0, ground_truth=gt)
+    target, stats = pseudo_label.pseudo_label_target(teacher, label, 80.0, ground_truth=gt)
     assert float(stats["threshold"]) == pytest.approx(gamma, rel=1e-6)
     assert target.tolist() == [[[0, 0, 0, 255, 1, 255]]]
     assert float(stats["kept_fraction"]) == pytest.approx(4 / 5)
@@ -271,7 +271,7 @@ def test_diagnostics_on_a_known_case():
     # The threshold alone, moved to keep 4 pixels too, keeps the top-4 unrefined margins {0, 4, 2, 3}:
     # with gt at 0, 4 and 2, right at 0 and 2.
     assert float(stats["kept_accuracy_same_share"]) == pytest.approx(2 / 3)
-    _, baseline = method.pseudo_label_target(teacher, label, 80.0, refine=False, ground_truth=gt)
+    _, baseline = pseudo_label.pseudo_label_target(teacher, label, 80.0, refine=False, ground_truth=gt)
     assert float(baseline["kept_accuracy"]) == pytest.approx(2 / 3)
     assert "kept_accuracy_same_share" not in baseline  # nothing to compare without refinement
 
@@ -308,13 +308,13 @@ def test_mismatched_tensors_name_their_shapes():
     check only what a config cannot: the tensors they are given."""
     student, teacher, label = _random_case(7)
     with pytest.raises(ConfigError, match="prior"):
-        method.pseudo_label_loss(student, teacher, label, 80.0, prior=torch.ones(4))
+        pseudo_label.pseudo_label_loss(student, teacher, label, 80.0, prior=torch.ones(4))
     with pytest.raises(ValueError, match="differ in shape"):
-        method.pseudo_label_loss(student[:, :3], teacher, label, 80.0)
+        pseudo_label.pseudo_label_loss(student[:, :3], teacher, label, 80.0)
     with pytest.raises(ValueError, match="pseudo-label"):
-        method.pseudo_label_loss(student, teacher, label[:, :5], 80.0)
+        pseudo_label.pseudo_label_loss(student, teacher, label[:, :5], 80.0)
     with pytest.raises(ValueError, match="ground truth"):
-        method.pseudo_label_loss(student, teacher, label, 80.0, ground_truth=label[:, :5])
+        pseudo_label.pseudo_label_loss(student, teacher, label, 80.0, ground_truth=label[:, :5])
 
 
 def test_resolve_prior(tmp_path):
@@ -348,11 +348,11 @@ def test_no_host_sync_on_cuda():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, _, stats = method.pseudo_label_loss(student.requires_grad_(True), teacher, label, 80.0,
+        loss, _, stats = pseudo_label.pseudo_label_loss(student.requires_grad_(True), teacher, label, 80.0,
                                                neighbors=8, k=2, prior=prior, ground_truth=label)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    cpu_loss, _, cpu_stats = method.pseudo_label_loss(student.detach().cpu(), teacher.cpu(), label.cpu(), 80.0,
+    cpu_loss, _, cpu_stats = pseudo_label.pseudo_label_loss(student.detach().cpu(), teacher.cpu(), label.cpu(), 80.0,
                                                    neighbors=8, k=2, prior=prior.cpu(), ground_truth=label.cpu())
     assert float(loss.detach()) == pytest.approx(float(cpu_loss), rel=1e-5)
     assert float(stats["threshold"]) == pytest.approx(float(cpu_stats["threshold"]), rel=1e-6)
@@ -368,7 +368,7 @@ def test_threshold_on_cuda_above_quantile_size_limit():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = method.threshold(values_cuda, valid_cuda, 62.5)
+        got = pseudo_label.threshold(values_cuda, valid_cuda, 62.5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     expected = np.percentile(values[valid].numpy().astype(np.float64), 62.5)

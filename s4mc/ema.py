@@ -1,4 +1,5 @@
-"""EMA teacher (docs/method.md step 11): parameters only, BN buffers stay the teacher's own."""
+"""EMA teacher (docs/method.md step 11): its momentum schedule and update, parameters only (BN
+buffers stay the teacher's own), and the copies that start it."""
 
 from __future__ import annotations
 
@@ -28,3 +29,9 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     """teacher ← τ·teacher + (1 − τ)·student, as two fused multi-tensor ops."""
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def ema_momentum(iteration: int, semi_start: int, ema_decay: float) -> float:
+    """τ = min(1 − 1/(t − t0 + 1), ema_decay) (docs/method.md step 11): τ = 0 at t0, so the
+    teacher starts as the student and averages over a growing window."""
+    return min(1.0 - 1.0 / (iteration - semi_start + 1), ema_decay)

@@ -1,8 +1,8 @@
 """The S4MC idea as pure tensor functions (docs/method.md, steps 5-8).
 
 - step 5 (DPA): `indicator_map` gives the per-pixel confidence indicator and `threshold`
-  the percentile gamma over valid pixels (the keep-percent kappa's schedule is
-  `s4mc.engine.schedule.keep_percent_at`);
+  the percentile gamma over valid pixels, at the keep-percent kappa that `keep_percent_at`
+  schedules;
 - step 6 (PLR): `refine` folds the k largest neighbour probabilities into each pixel;
 - steps 7-8: `pseudo_label_target` drops the unreliable pixels and `pseudo_label_loss`
   adds U2PL's scaled cross-entropy on top.
@@ -190,6 +190,20 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
     return loss, target, stats
 
 
+def keep_percent_at(epoch: int, epochs: int, start: float = 60.0, *, iteration: int | None = None,
+                    iters_per_epoch: int | None = None) -> float:
+    """Keep-percent kappa = 100 - (100 - kappa0)(1 - epoch/epochs) of docs/method.md step 5.
+
+    The release steps it once per epoch (`epoch` counts from 0); give `iteration` and
+    `iters_per_epoch` to move it smoothly within the epoch instead.
+    """
+    progress = float(epoch)
+    if iteration is not None:
+        progress += iteration / iters_per_epoch
+    progress = min(max(progress / epochs, 0.0), 1.0)
+    return 100.0 - (100.0 - start) * (1.0 - progress)
+
+
 @dataclass(frozen=True)
 class S4MCSettings:
     """The S4MC part of `trainer.unsupervised`, read once from the validated config.
@@ -217,8 +231,6 @@ class S4MCSettings:
 
     def keep_percent_at(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
         """kappa for this step; `iteration` is the global count."""
-        from s4mc.engine.schedule import keep_percent_at
-
         if self.keep_schedule == "iteration":
             return keep_percent_at(epoch, self.epochs, self.keep_percent,
                                    iteration=iteration % iters_per_epoch, iters_per_epoch=iters_per_epoch)
