@@ -1,8 +1,9 @@
 """One YAML file drives a run: loading, defaults, validation, aliases and overrides.
 
-`load_config(path, overrides)` returns a plain nested dict in which every key of
-`SCHEMA` exists, every value has been type-checked, the release's (U2PL/S4MC)
-key names have been mapped to ours, and every path is absolute.
+`load_config(path, overrides)` returns a plain nested dict in which every key of the
+schema exists (`full_schema()`: the core `SCHEMA` below and each plug-in's own block),
+every value has been type-checked, the release's (U2PL/S4MC) key names have been mapped
+to ours, and every path is absolute.
 
 Relative paths resolve against the repository root (the folder holding
 `train_semi.py`), after `~` and environment variables are expanded. A config
@@ -18,45 +19,25 @@ import difflib
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from s4mc.errors import ConfigError
+from s4mc.methods import METHODS
+from s4mc.schema import NONE, NUM, REQUIRED, Key, key
+from s4mc.terms import TERMS, active_terms
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Key:
-    """One leaf of the schema: its default, the accepted types and values."""
-
-    default: Any
-    types: tuple = ()
-    choices: tuple | None = None
-    path: bool = False  # resolve relative to the path base
-    low: float | None = None  # inclusive bounds of a number, checked with the type
-    high: float | None = None
-
-
-def _k(default, *types, choices=None, path=False, low=None, high=None):
-    if not types:
-        types = (type(default),)
-    return Key(default, types, tuple(choices) if choices else None, path, low, high)
-
-
-NUM = (int, float)
-NONE = type(None)
-LIST = (list,)
+_k = key
 
 # Stands for `trainer.terms`, whose keys are term names and whose schemas come from s4mc.terms.
 TERMS_BLOCK = object()
 
-# Blocks whose absence means "off" (the release switches them on by presence).
-OPTIONAL_BLOCKS = {("trainer", "contrastive"), ("net", "aux_loss")}
+# Blocks whose absence means "off" (the release switches them on by presence); a term's legacy
+# block (`trainer.contrastive`) is one too.
+OPTIONAL_BLOCKS = {("net", "aux_loss")}
 
 SCHEMA: dict = {
     "seed": _k(0, int),
@@ -169,34 +150,9 @@ SCHEMA: dict = {
             "unsup_weight": _k(1.0, *NUM),
             "strong_aug": _k(False, bool),
         },
-        # trainer.method: unimatch (s4mc/methods/unimatch.py). Defaults are the UniMatch paper's.
-        "unimatch": {
-            "ema": _k(False, bool),  # false: the student makes its own pseudo-labels, as UniMatch does
-            "fp": _k(True, bool),  # the feature-perturbation branch
-            "fp_dropout": _k(0.5, *NUM, low=0, high=0.99),
-            "weight_strong": _k(0.25, *NUM, low=0),  # each of the two strong views
-            "weight_fp": _k(0.5, *NUM, low=0),
-            "threshold": _k(0.95, *NUM, low=0, high=1),  # fixed confidence threshold, used when unsupervised.refine is false
-        },
         # Additive loss terms other than the contrastive one: trainer.terms.<name>, each validated by
         # the schema its s4mc.terms registration gives.
         "terms": TERMS_BLOCK,
-        "contrastive": {
-            "loss_weight": _k(1.0, *NUM, low=0),
-            "negative_high_entropy": _k(True, bool),
-            "low_rank": _k(3, int, low=1),
-            "high_rank": _k(20, int, low=2),  # and above low_rank (_check_semantics)
-            "current_class_threshold": _k(0.3, *NUM, low=0, high=1),
-            "current_class_negative_threshold": _k(1.0, *NUM, low=0, high=1),
-            "unsupervised_entropy_ignore": _k(80.0, *NUM, low=0, high=100),
-            "low_entropy_threshold": _k(20.0, *NUM, low=0, high=100),
-            "num_negatives": _k(50, int, low=1),
-            "num_queries": _k(256, int, low=1),
-            "temperature": _k(0.5, *NUM, low=1e-12),  # > 0
-            "memory_capacity": _k(30000, int, low=1),
-            # true: the term as the release computed it, U2PL's four bugs included (s4mc/terms/contrastive_loss.py).
-            "release_exact": _k(False, bool),
-        },
     },
     "criterion": {
         "type": _k("CELoss", str, choices=("CELoss", "ohem")),
@@ -309,11 +265,26 @@ def _flatten_keys(schema: dict, prefix: str = "") -> list[str]:
     return out
 
 
-ALL_KEYS = _flatten_keys(SCHEMA)
+def full_schema() -> dict:
+    """SCHEMA with every registered plug-in's own block: `trainer.<method>` for a method that
+    has settings, `trainer.<legacy key>` for a term that also answers to one. Built on each
+    load, so a plug-in registered after this module was imported is validated too."""
+    trainer = dict(SCHEMA["trainer"])
+    for name, cls in METHODS.items():
+        if cls.schema:
+            trainer[name] = cls.schema
+    for spec in TERMS.values():
+        if spec.legacy_key:
+            trainer[spec.legacy_key] = spec.schema
+    return {**SCHEMA, "trainer": trainer}
+
+
+def _optional_blocks() -> set:
+    return OPTIONAL_BLOCKS | {("trainer", spec.legacy_key) for spec in TERMS.values() if spec.legacy_key}
 
 
 def _suggest(dotted: str) -> str:
-    candidates = ALL_KEYS + list(ALIASES)
+    candidates = _flatten_keys(full_schema()) + list(ALIASES)
     parent = dotted.rsplit(".", 1)[0] + "." if "." in dotted else ""
     siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent):]]
     close = difflib.get_close_matches(dotted, siblings or candidates, n=1, cutoff=0.5)
@@ -323,11 +294,9 @@ def _suggest(dotted: str) -> str:
 
 
 def _schema_at(dotted: str):
-    node: Any = SCHEMA
+    node: Any = full_schema()
     for part in dotted.split("."):
         if node is TERMS_BLOCK:
-            from s4mc.terms import TERMS
-
             node = {name: spec.schema for name, spec in TERMS.items()}
         if not isinstance(node, dict) or part not in node:
             return None
@@ -399,7 +368,7 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
             continue
         if isinstance(sub, dict):
             value = raw.get(key)
-            optional = tuple(dotted.split(".")) in OPTIONAL_BLOCKS
+            optional = tuple(dotted.split(".")) in _optional_blocks()
             if optional and (not present or value is None or value is False):
                 result[key] = None
                 continue
@@ -420,8 +389,6 @@ def _merge(schema: dict, raw: dict, where: str, prefix: str = "", ignored: list[
 
 def _merge_terms(raw, where: str, dotted: str, ignored: list[str]) -> dict:
     """`trainer.terms`: one block per registered term, each merged with that term's own schema."""
-    from s4mc.terms import TERMS
-
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -573,7 +540,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         key, value = parse_override(item)
         _apply_override(raw, key, value, f"{where} (override '{item}')")
     ignored: list[str] = []
-    cfg = _merge(SCHEMA, raw, where, ignored=ignored)
+    schema = full_schema()
+    cfg = _merge(schema, raw, where, ignored=ignored)
     if ignored:
         logging.getLogger("s4mc").warning(
             "%s: ignoring %d release key(s): %s", where, len(ignored),
@@ -585,7 +553,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         base_choice = "config" if used_alias and path is not None else "repo"
     base = Path(path).resolve().parent if base_choice == "config" and path is not None else REPO_ROOT
     cfg["path_base"] = base_choice
-    _resolve_paths(cfg, SCHEMA, base)
+    _resolve_paths(cfg, schema, base)
     if not cfg["dataset"]["train"]["unlabeled_list"]:
         labeled = cfg["dataset"]["train"]["data_list"]
         if os.path.basename(labeled) == "labeled.txt":
@@ -624,17 +592,12 @@ def _check_semantics(cfg: dict, where: str) -> None:
     max_k = unsup["neighborhood_size"]
     if not 1 <= unsup["num_neighbors"] <= max_k:
         fail("trainer.unsupervised.num_neighbors", f"must lie in [1, {max_k}], got {unsup['num_neighbors']}")
-    from s4mc.methods import METHODS
-    from s4mc.terms import active_terms
-
     if tr["method"] not in METHODS:
         fail("trainer.method", f"= {tr['method']!r} is not a registered method; one of {sorted(METHODS)}")
     terms = active_terms(cfg)
     if terms and not getattr(METHODS[tr["method"]], "supports_terms", True):
         fail("trainer.method", f"= {tr['method']!r} does not take additive loss terms, but {', '.join(terms)} "
              "is switched on; remove that block or use trainer.method: mean_teacher")
-    from s4mc.terms import TERMS
-
     for name, block in terms.items():
         if TERMS[name].check is not None:
             TERMS[name].check(block, lambda key, msg, name=name: fail(f"trainer.terms.{name}.{key}", msg))

@@ -1,4 +1,9 @@
-"""Supervised losses: plain cross-entropy and U2PL's probability OHEM, plus the aux head."""
+"""Cross-entropy that ignores pixels, and the supervised losses built on it (plain CE, U2PL's
+probability OHEM, the aux head).
+
+`masked_ce_sum` is the one cross-entropy of the package: each loss divides its sum by what its
+paper divides by (the valid pixels here, the kept pixels in S4MC's loss, all pixels in UniMatch's).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,16 @@ import torch
 import torch.nn.functional as F
 
 
+def masked_ce_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy summed over the pixels whose target is not `ignore_index`, in fp32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Mean CE over non-ignored pixels, in fp32; 0 (with a graph) when all are ignored."""
-    logits = logits.float()
     valid = (target != ignore_index).sum()
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-    return loss / valid.clamp(min=1)
+    return masked_ce_sum(logits, target, ignore_index) / valid.clamp(min=1)
 
 
 def ohem_cross_entropy(

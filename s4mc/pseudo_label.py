@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .diagnostics import pseudo_label_diagnostics
-from .errors import ConfigError
-from .percentile import masked_percentile
+from s4mc.diagnostics import pseudo_label_diagnostics
+from s4mc.errors import ConfigError
+from s4mc.losses import masked_ce_sum
+from s4mc.percentile import masked_percentile
 
 INDICATORS = ("margin", "confidence", "entropy")
 BETA = math.exp(-0.5)
@@ -183,8 +184,8 @@ def pseudo_label_loss(student_logits, teacher_logits, pseudo_label, keep_percent
     target, stats = pseudo_label_target(
         teacher_logits, pseudo_label, keep_percent, indicator=indicator, neighbors=neighbors, k=k,
         prior=prior, refine=refine, ground_truth=ground_truth, ignore_index=ignore_index, maps=maps)
+    ce_sum = masked_ce_sum(student_logits, target, ignore_index)
     with torch.autocast(student_logits.device.type, enabled=False):
-        ce_sum = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
         kept = (target != ignore_index).sum().clamp(min=1).float()
         loss = (ce_sum / kept) * (target.numel() / kept)
     return loss, target, stats
@@ -250,3 +251,11 @@ class S4MCSettings:
         """`pseudo_label_target` with these settings: (target, stats)."""
         return pseudo_label_target(teacher_logits, pseudo_label, keep_percent, prior=prior,
                                    ground_truth=ground_truth, maps=maps, **self._keywords())
+
+
+def describe_selection(cfg: dict) -> str:
+    """How a run keeps pseudo-labels, for the run header: the indicator, and the refinement or its absence."""
+    unsup = cfg["trainer"]["unsupervised"]
+    refine = (f"S4MC refinement on ({unsup['neighborhood_size']}-neighbourhood, k {unsup['num_neighbors']})"
+              if unsup["refine"] else "refinement off (CutMix-Seg baseline)")
+    return f"{unsup['indicator']} threshold, {refine}"

@@ -412,7 +412,7 @@ def test_strong_view_same_geometry():
 
 def test_loaders_repeat_keys_shapes(voc):
     cfg = _cfg("pascal", voc, strong=True)
-    L = build_train_loaders(cfg, seed=0)
+    L = build_train_loaders(cfg, seed=0, strong_views=1)
     assert len(L.labeled.dataset) == len(L.unlabeled.dataset) == 4   # 2 labeled repeated to 4
     assert len(L.samplers) == 2 and all(hasattr(s, "set_epoch") for s in L.samplers)
     assert L.labeled.drop_last and L.unlabeled.drop_last

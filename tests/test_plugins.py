@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from s4mc.config import Key
+from s4mc.schema import Key
 from s4mc.engine import loop
 from s4mc.errors import ConfigError
 from s4mc.methods import METHODS

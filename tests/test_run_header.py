@@ -215,7 +215,7 @@ def test_unimatch_header_names_the_method(toy_root, toy_cfg, tmp_path, refine):
     assert "UniMatch (single model)" in method and "weight 0.5 each" in method
     assert "feature perturbation off" in method and "mixing" not in method
     assert ("S4MC refinement on" in method) == refine and ("fixed confidence threshold 0.95" in method) != refine
-    assert facts["method"]["name"] == "unimatch" and facts["method"]["unimatch"]["fp"] is False
+    assert facts["method"]["name"] == "unimatch" and facts["method"]["settings"]["fp"] is False
 
 
 def _readme_row(label: str) -> list[float]:

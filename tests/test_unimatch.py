@@ -18,8 +18,8 @@ UNIMATCH = {"trainer.method": "unimatch", "trainer.eval_on": False, "trainer.uns
 
 
 def first_batch(cfg):
-    loaders = build_train_loaders(cfg, seed=0)
-    partner = build_train_loaders(cfg, seed=7).unlabeled
+    loaders = build_train_loaders(cfg, seed=0, strong_views=2)
+    partner = build_train_loaders(cfg, seed=7, strong_views=2).unlabeled
     return next(iter(epoch_batches(loaders.labeled, loaders.unlabeled, partner)))
 
 
@@ -127,12 +127,12 @@ def test_s4mc_on_or_off_changes_only_the_masking(toy_root, toy_cfg, tmp_path, mo
     two targets agree wherever both keep a pixel (a kept pixel's class is always its pseudo-label)."""
     batch = None
     seen: dict[bool, list] = {}
-    ce = unimatch_mod.masked_cross_entropy
+    ce = unimatch_mod.masked_ce_sum
     for refine in (False, True):
         cfg = toy_cfg(toy_root, tmp_path, **UNIMATCH, **{"trainer.unsupervised.refine": refine})
         batch = batch or first_batch(cfg)
         calls = seen.setdefault(refine, [])
-        monkeypatch.setattr(unimatch_mod, "masked_cross_entropy",
+        monkeypatch.setattr(unimatch_mod, "masked_ce_sum",
                             lambda s, t, i, calls=calls: calls.append((s.detach().clone(), t.clone())) or ce(s, t, i))
         one_step(cfg, batch)
     assert len(seen[False]) == len(seen[True]) == 3  # s1, s2, fp

@@ -44,7 +44,7 @@ def test_psi_student_sees_strong_view(toy_root, toy_cfg, tmp_path):
     from s4mc.data import build_train_loaders
 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.unsupervised.strong_aug": True})
-    unlabeled = next(iter(build_train_loaders(cfg, seed=0).unlabeled))
+    unlabeled = next(iter(build_train_loaders(cfg, seed=0, strong_views=1).unlabeled))
     assert unlabeled["image_strong"].shape == unlabeled["image"].shape
     assert not torch.equal(unlabeled["image_strong"], unlabeled["image"])
 
@@ -115,7 +115,7 @@ def test_step_returns_pseudo_label_diagnostics(toy_root, toy_cfg, tmp_path):
 
 @pytest.mark.parametrize("teacher_start", ["parameters", "all"])
 def test_teacher_start_copies_parameters_and_optionally_bn_statistics(teacher_start, toy_root, toy_cfg, tmp_path):
-    from s4mc.methods.mean_teacher import begin_semi_phase
+    from s4mc.methods.base import begin_semi_phase
 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.teacher_start": teacher_start})
     state = loop.build_state(cfg, DistInfo(), iters_per_epoch=8)

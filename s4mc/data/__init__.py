@@ -1,7 +1,7 @@
 """Datasets, transforms and loaders (see data/README.md for layouts and CLIs).
 
 Public API:
-    build_train_loaders(cfg, *, rank=0, world_size=1, seed=0, labeled_only=False) -> TrainLoaders
+    build_train_loaders(cfg, *, rank=0, world_size=1, seed=0, labeled_only=False, strong_views=0) -> TrainLoaders
     build_val_dataset(cfg) -> SegmentationDataset
     dataset_info(cfg) -> DatasetInfo(num_classes, class_names, palette, ignore_index)
 CLIs: python -m s4mc.data.splits {fetch,make,check}, python -m s4mc.data.priors,

@@ -152,8 +152,12 @@ def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
     )
 
 
-def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
-    """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms."""
+def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views: int = 0):
+    """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms.
+
+    strong_views: how many strong photometric views of each unlabeled image the training
+    method asks for (its `strong_views(cfg)`: 0, 1 or 2).
+    """
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.train.data_root"))
     root_key = "dataset.train.data_root"
@@ -173,19 +177,11 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False):
     if labeled_only:
         return labeled, None
     unl_list = cfg["dataset"]["train"]["unlabeled_list"] or str(default_unlabeled_list(labeled_list))
-    strong = _strong_views(cfg)
+    strong = strong_views
     unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
                                     transform=_train_transform(cfg, strong_views=strong) if strong else weak)
     return labeled, unlabeled
-
-
-def _strong_views(cfg: dict) -> int:
-    """How many strong views of each unlabeled image the training method asks for."""
-    from s4mc.methods import METHODS
-
-    method = METHODS.get(cfg["trainer"]["method"])
-    return method.strong_views(cfg) if method is not None else 0
 
 
 def _stream_seed(seed: int, rank: int, stream: int) -> int:
@@ -261,13 +257,13 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
 
 
 def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                        labeled_only: bool = False) -> TrainLoaders:
+                        labeled_only: bool = False, strong_views: int = 0) -> TrainLoaders:
     """Labeled and unlabeled training loaders (per-GPU batch dataset.batch_size each).
 
     labeled_only=True (supervised baseline): the labeled set is not repeated and
-    `unlabeled` is None.
+    `unlabeled` is None. strong_views: as `build_train_datasets`.
     """
-    labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only)
+    labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only, strong_views=strong_views)
     bs = int(cfg["dataset"]["batch_size"])
     workers = int(cfg["dataset"]["workers"])
     if unlabeled is None and cfg["trainer"]["sup_epoch_length"] == "unlabeled":

@@ -8,6 +8,7 @@ to thread a third batch through.
 
 from __future__ import annotations
 
+from s4mc.data import build_train_loaders
 from s4mc.methods import method_class
 
 PARTNER_SEED_OFFSET = 7919  # the partner pass's shuffling differs from the unlabeled pass's
@@ -15,11 +16,11 @@ PARTNER_SEED_OFFSET = 7919  # the partner pass's shuffling differs from the unla
 
 def build_partner_loader(cfg: dict, rank: int, world_size: int):
     """The partner pass, or None when the method mixes within the batch."""
-    from s4mc.data import build_train_loaders
-
-    if cfg["trainer"]["mode"] == "sup" or not method_class(cfg).needs_partner(cfg):
+    method = method_class(cfg)
+    if cfg["trainer"]["mode"] == "sup" or not method.needs_partner(cfg):
         return None
-    return build_train_loaders(cfg, rank=rank, world_size=world_size, seed=cfg["seed"] + PARTNER_SEED_OFFSET).unlabeled
+    return build_train_loaders(cfg, rank=rank, world_size=world_size, seed=cfg["seed"] + PARTNER_SEED_OFFSET,
+                               strong_views=method.strong_views(cfg)).unlabeled
 
 
 def with_partner(unlabeled: dict, partner: dict) -> dict:

@@ -25,7 +25,7 @@ from s4mc.engine.run_header import announce_run_header, build_run_header, count_
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
-from s4mc.methods import build_method
+from s4mc.methods import build_method, method_class
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
 from s4mc.terms import build_terms, needs_rep
 from s4mc.logs import (MetricsLog, Progress, attach_log_file, comparison_line, detach_log_file, format_duration, log,
@@ -204,7 +204,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     sup_only = tr["mode"] == "sup"
     check_batch_norm_batch(cfg, dist)
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
-                                  labeled_only=sup_only)
+                                  labeled_only=sup_only, strong_views=method_class(cfg).strong_views(cfg))
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
     partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
     main_loader = labeled_loader if sup_only else unlabeled_loader

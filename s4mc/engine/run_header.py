@@ -23,8 +23,10 @@ from s4mc.config import load_config
 from s4mc.data.datasets import default_unlabeled_list, read_split
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.errors import DataError, S4MCError, clean_message
+from s4mc.methods import METHODS, describe_method
 from s4mc.models import build_model
 from s4mc.runtime import resolve_amp
+from s4mc.terms import active_terms
 
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
 
@@ -128,8 +130,11 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
         },
         "method": {
             "name": tr["method"],
-            "unimatch": dict(tr["unimatch"]) if tr["method"] == "unimatch" and not sup_only else None,
-            "terms": sorted(tr["terms"] or {}) if not sup_only else [],
+            # The method's own words (its `describe`), with the active terms' (s4mc/methods/base.py).
+            "description": None if sup_only else describe_method(cfg),
+            # The method's own settings block (`trainer.<name>`), when it has one.
+            "settings": dict(tr[tr["method"]]) if METHODS[tr["method"]].schema and not sup_only else None,
+            "terms": list(active_terms(cfg)) if not sup_only else [],
             "mode": tr["mode"],
             "mixing": None if sup_only else unsup["mixing"],
             "refine": False if sup_only else unsup["refine"],
@@ -137,7 +142,6 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
             "num_neighbors": unsup["num_neighbors"],
             "indicator": unsup["indicator"],
             "strong_aug": False if sup_only else unsup["strong_aug"],
-            "contrastive": tr["contrastive"] is not None and not sup_only,
             "teacher_start": None if sup_only else tr["teacher_start"],
         },
         # A list, so a run that reports several protocols can name the one that picks best.pth.
@@ -228,22 +232,7 @@ def format_run_header(facts: dict) -> str:
     if m["mode"] == "sup":
         method = "supervised only"
     else:
-        refine = (f"S4MC refinement on ({m['neighborhood_size']}-neighbourhood, k {m['num_neighbors']})"
-                  if m["refine"] else "refinement off (CutMix-Seg baseline)")
-        if m.get("unimatch"):
-            u = m["unimatch"]
-            if not m["refine"]:
-                refine = f"fixed confidence threshold {u['threshold']:g}"
-            fp = f"feature perturbation on (weight {u['weight_fp']:g}, dropout {u['fp_dropout']:g})" if u["fp"] \
-                else "feature perturbation off"
-            method = (f"UniMatch ({'EMA teacher' if u['ema'] else 'single model'}), {refine}, two strong views "
-                      f"(weight {u['weight_strong']:g} each), {fp}")
-        else:
-            method = (f"mean teacher, semi-supervised, {m['indicator']} threshold, {refine}, mixing {m['mixing']}, "
-                      f"FixMatch strong view {'on' if m['strong_aug'] else 'off'}, "
-                      f"U2PL contrastive {'on' if m['contrastive'] else 'off'}")
-        if m.get("terms"):
-            method += f", terms: {', '.join(m['terms'])}"
+        method = m["description"]
         if m.get("teacher_start") == "all":  # the release's start (parameters only) goes unsaid
             method += ", teacher starts as the student with its BN statistics"
 

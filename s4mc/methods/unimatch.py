@@ -10,7 +10,7 @@ One model by default: it makes its own pseudo-labels from the weak view, as UniM
 - the feature-perturbation branch: channel dropout (0.5) on the encoder features of the weak
   view, through the decoder;
 - loss `(L_x + w_s·L_s1 + w_s·L_s2 + w_fp·L_fp) / 2`, each unlabeled term the cross-entropy
-  summed over the kept pixels and divided by all pixels.
+  summed over the kept pixels (fp32) and divided by all pixels.
 
 Which pixels are kept is the only thing S4MC changes: `trainer.unsupervised.refine: false`
 keeps those whose confidence reaches the fixed threshold (0.95); `refine: true` keeps those
@@ -23,13 +23,23 @@ import torch
 import torch.nn.functional as F
 
 from s4mc import mixing
-from s4mc.losses import supervised_loss
-from s4mc.pseudo_label import S4MCSettings
-from s4mc.methods import StepLoss, register_method
-from s4mc.methods.mean_teacher import begin_semi_phase, supervised_step, upsample, visuals
+from s4mc.losses import masked_ce_sum, supervised_loss
+from s4mc.methods.base import StepLoss, begin_semi_phase, register_method, supervised_step, upsample, visuals
+from s4mc.pseudo_label import S4MCSettings, describe_selection
+from s4mc.schema import NUM, key
+
+# `trainer.unimatch`; the defaults are the UniMatch paper's.
+SETTINGS = {
+    "ema": key(False, bool),  # false: the student makes its own pseudo-labels, as UniMatch does
+    "fp": key(True, bool),  # the feature-perturbation branch
+    "fp_dropout": key(0.5, *NUM, low=0, high=0.99),
+    "weight_strong": key(0.25, *NUM, low=0),  # each of the two strong views
+    "weight_fp": key(0.5, *NUM, low=0),
+    "threshold": key(0.95, *NUM, low=0, high=1),  # fixed confidence threshold, used when unsupervised.refine is false
+}
 
 
-@register_method("unimatch")
+@register_method("unimatch", schema=SETTINGS)
 class UniMatch:
     supports_terms = False  # terms see one student/teacher pair; UniMatch has three branches
 
@@ -52,90 +62,94 @@ class UniMatch:
         # Mix partners come from a second pass over the unlabeled set, as UniMatch's mix loader.
         return True
 
-    def loss(self, state, labeled: dict, unlabeled: dict | None) -> StepLoss:
-        x_l, y_l = state.to_device(labeled["image"], image=True), state.to_device(labeled["label"])
-        if unlabeled is None or state.epoch < self.sup_only_epoch:
-            warm = x_l if unlabeled is not None and self.ema else None
-            return supervised_step(state, x_l, y_l, self.cfg, warm_teacher_on=warm)
-        return self.semi_step(state, x_l, y_l, unlabeled)
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        u = cfg["trainer"]["unimatch"]
+        selection = (describe_selection(cfg) if cfg["trainer"]["unsupervised"]["refine"]
+                     else f"fixed confidence threshold {u['threshold']:g}")
+        fp = (f"feature perturbation on (weight {u['weight_fp']:g}, dropout {u['fp_dropout']:g})" if u["fp"]
+              else "feature perturbation off")
+        return (f"UniMatch ({'EMA teacher' if u['ema'] else 'single model'}), {selection}, two strong views "
+                f"(weight {u['weight_strong']:g} each), {fp}")
 
-    def semi_step(self, state, x_l, y_l, unlabeled: dict) -> StepLoss:
+    def loss(self, state, labeled: dict, unlabeled: dict | None) -> StepLoss:
+        img_x, mask_x = state.to_device(labeled["image"], image=True), state.to_device(labeled["label"])
+        if unlabeled is None or state.epoch < self.sup_only_epoch:
+            warm = img_x if unlabeled is not None and self.ema else None
+            return supervised_step(state, img_x, mask_x, self.cfg, warm_teacher_on=warm)
+        return self.semi_step(state, img_x, mask_x, unlabeled)
+
+    def semi_step(self, state, img_x, mask_x, unlabeled: dict) -> StepLoss:
         if self.ema:
             begin_semi_phase(state, self.cfg)
         student_fwd, teacher_fwd = state.forwards()
-        size, ignore = y_l.shape[-2:], self.s4mc.ignore_index
-        n_l = x_l.shape[0]
-        weak, strong_1, strong_2, partner_weak, partner_1, partner_2 = (
-            state.to_device(unlabeled[key], image=True) for key in
+        size, ignore = mask_x.shape[-2:], self.s4mc.ignore_index
+        n_x = img_x.shape[0]
+        # `_mix`: the partner images that are pasted into the strong views (UniMatch's mix batch).
+        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix = (
+            state.to_device(unlabeled[name], image=True) for name in
             ("image", "image_strong", "image_strong_2", "partner_image", "partner_image_strong", "partner_image_strong_2"))
-        gt, partner_gt = state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"])
-        n_u = weak.shape[0]
+        gt_u, gt_u_mix = state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"])
+        n_u = img_u_w.shape[0]
 
-        # 1. Pseudo-labelling logits of the partners (and of the weak view, with an EMA teacher), eval mode.
+        # 1. Pseudo-labelling logits of the mix images (and of the weak view, with an EMA teacher), eval mode.
         labeller, labeller_fwd = (state.teacher, teacher_fwd) if self.ema else (state.student, student_fwd)
         labeller.eval()
         with torch.no_grad(), state.autocast():
-            labelled = labeller_fwd(torch.cat([partner_weak, weak]) if self.ema else partner_weak)["pred"]
-        partner_logits = upsample(labelled[:n_u], size)
+            pred_eval = labeller_fwd(torch.cat([img_u_w_mix, img_u_w]) if self.ema else img_u_w_mix)["pred"]
+        pred_u_w_mix = upsample(pred_eval[:n_u], size)
 
-        # 2. Two strong views, each with its own CutMix box and partner.
+        # 2. Two strong views, each with its own CutMix box and mix images.
         boxes = [mixing.sample_mix_mask(n_u, *size, mode="cutmix", prob=self.mix_prob, generator=state.generator,
                                         device=state.device, gate=self.mix_gate) for _ in range(2)]
-        partners = [(partner_1, partner_logits, partner_gt),
-                    (partner_2.roll(1, 0), partner_logits.roll(1, 0), partner_gt.roll(1, 0))]
-        x_s = [state.memory_format(mixing.apply_mix(x, box, partner=p[0]))
-               for x, box, p in zip((strong_1, strong_2), boxes, partners)]
+        mixes = [(img_u_s1_mix, pred_u_w_mix, gt_u_mix),
+                 (img_u_s2_mix.roll(1, 0), pred_u_w_mix.roll(1, 0), gt_u_mix.roll(1, 0))]
+        img_u_s = [state.memory_format(mixing.apply_mix(img, box, partner=m[0]))
+                   for img, box, m in zip((img_u_s1, img_u_s2), boxes, mixes)]
 
         # 3. The student on labeled + weak (+ its feature-perturbed copy) + both strong views: one
         # forward, so that DDP sees each parameter used once per step.
         state.student.train()
-        batch = torch.cat([x_l, weak, *x_s])
+        batch = torch.cat([img_x, img_u_w, *img_u_s])
         with state.autocast():
-            out = student_fwd(batch, perturb=(n_l, n_l + n_u), dropout=self.fp_dropout) if self.fp else student_fwd(batch)
-        loss_x = supervised_loss_of(out, n_l, y_l, self.cfg, size)
-        pred = upsample(out["pred"][n_l:], size)
-        weak_logits = upsample(labelled[n_u:], size) if self.ema else pred[:n_u].detach()
+            out = student_fwd(batch, perturb=(n_x, n_x + n_u), dropout=self.fp_dropout) if self.fp else student_fwd(batch)
+        loss_x = supervised_loss_of(out, n_x, mask_x, self.cfg, size)
+        pred_u = upsample(out["pred"][n_x:], size)  # [weak, strong 1, strong 2]
+        pred_u_w = upsample(pred_eval[n_u:], size) if self.ema else pred_u[:n_u].detach()
 
         # 4. Each unlabeled branch: (student logits, pseudo-labelling logits, ground truth, weight).
-        branches = {f"s{i + 1}": (pred[n_u * (i + 1):n_u * (i + 2)], mixing.apply_mix(weak_logits, box, partner=p[1]),
-                                  mixing.apply_mix(gt, box, partner=p[2]), self.weight_strong)
-                    for i, (box, p) in enumerate(zip(boxes, partners))}
+        branches = {f"s{i + 1}": (pred_u[n_u * (i + 1):n_u * (i + 2)], mixing.apply_mix(pred_u_w, box, partner=m[1]),
+                                  mixing.apply_mix(gt_u, box, partner=m[2]), self.weight_strong)
+                    for i, (box, m) in enumerate(zip(boxes, mixes))}
         if self.fp:
-            branches["fp"] = (upsample(out["pred_fp"], size), weak_logits, gt, self.weight_fp)
+            branches["fp"] = (upsample(out["pred_fp"], size), pred_u_w, gt_u, self.weight_fp)
 
         # 5. Keep mask (fixed threshold, or S4MC), then the masked cross-entropy of each branch.
         keep_percent = self.s4mc.keep_percent_at(state.epoch, state.iteration, state.iters_per_epoch)
         total, metrics = loss_x, {"loss_sup": loss_x.detach(), "keep_percent": torch.tensor(keep_percent)}
-        for name, (student_logits, logits, ground_truth, weight) in branches.items():
-            target, stats = self.pseudo_label_target(state, logits, ground_truth, keep_percent)
-            loss = masked_cross_entropy(student_logits, target, ignore)
+        for name, (pred_student, pred_labeller, ground_truth, weight) in branches.items():
+            target, stats = self.pseudo_label_target(state, pred_labeller, ground_truth, keep_percent)
+            loss = masked_ce_sum(pred_student, target, ignore) / target.numel()
             total = total + weight * loss
             metrics[f"loss_{name}"] = loss.detach()
             if name == "s1":
                 metrics.update(stats)
                 if state.capture_visuals:
-                    state.visuals = visuals(x_s[0], logits, target, ground_truth, size)
+                    state.visuals = visuals(img_u_s[0], pred_labeller, target, ground_truth, size)
         return StepLoss(total / 2, metrics, update_teacher=self.ema)
 
     def pseudo_label_target(self, state, logits, ground_truth, keep_percent):
         """The hard pseudo-label with dropped pixels set to the ignore index, and its diagnostics."""
         if self.s4mc.refine:
-            pseudo_label = logits.softmax(1).argmax(1)
-            return self.s4mc.target(logits, pseudo_label, keep_percent, prior=state.prior,
+            mask_u = logits.softmax(1).argmax(1)
+            return self.s4mc.target(logits, mask_u, keep_percent, prior=state.prior,
                                     ground_truth=ground_truth, maps=state.indicator_maps)
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
-            confidence, pseudo_label = logits.float().softmax(1).max(1)
-            keep = confidence >= self.threshold
-            target = pseudo_label.masked_fill(~keep, self.s4mc.ignore_index)
+            conf_u, mask_u = logits.float().softmax(1).max(1)
+            keep = conf_u >= self.threshold
+            target = mask_u.masked_fill(~keep, self.s4mc.ignore_index)
         return target, {"kept_fraction": keep.float().mean()}
 
 
-def supervised_loss_of(out: dict, n_l: int, y_l, cfg: dict, size) -> torch.Tensor:
-    return supervised_loss({k: v[:n_l] for k, v in out.items() if k != "pred_fp"}, y_l, cfg, size)
-
-
-def masked_cross_entropy(student_logits, target, ignore_index: int) -> torch.Tensor:
-    """UniMatch's unlabeled loss: cross-entropy summed over kept pixels, divided by all pixels (fp32)."""
-    with torch.autocast(student_logits.device.type, enabled=False):
-        ce = F.cross_entropy(student_logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    return ce / target.numel()
+def supervised_loss_of(out: dict, n_x: int, mask_x, cfg: dict, size) -> torch.Tensor:
+    return supervised_loss({k: v[:n_x] for k, v in out.items() if k != "pred_fp"}, mask_x, cfg, size)

@@ -1,17 +1,16 @@
 """U2PL's contrastive term as a plug-in (docs/method.md step 9, "S4MC + U2PL").
 
-The loss itself lives in s4mc/terms/contrastive_loss.py; this file is what the training step needs from
-it: a builder from `trainer.contrastive` (or `trainer.terms.contrastive`), the per-class
-negative bank as the term's state, and the one metric it logs.
+The loss and its settings live in s4mc/terms/contrastive_loss.py; this file is what the training
+step needs from it: a builder from `trainer.terms.contrastive` (or the release's
+`trainer.contrastive`), the per-class negative bank as the term's state, and the one metric it logs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from s4mc.config import SCHEMA
-from s4mc.terms.contrastive_loss import ContrastiveMemory, ContrastiveSettings, all_gather_rows, contrastive_loss
-from s4mc.terms import TermInputs, register_term
+from s4mc.terms.base import TermInputs, register_term
+from s4mc.terms.contrastive_loss import SETTINGS, ContrastiveMemory, ContrastiveSettings, all_gather_rows, contrastive_loss
 
 
 def check_ranks(block: dict, fail) -> None:
@@ -19,9 +18,13 @@ def check_ranks(block: dict, fail) -> None:
         fail("high_rank", f"= {block['high_rank']} must be greater than low_rank ({block['low_rank']})")
 
 
-@register_term("contrastive", schema=SCHEMA["trainer"]["contrastive"], legacy_key="contrastive", needs_rep=True,
-               check=check_ranks)
+@register_term("contrastive", schema=SETTINGS, legacy_key="contrastive", needs_rep=True, check=check_ranks)
 class ContrastiveTerm:
+    @staticmethod
+    def describe(block: dict) -> str:
+        mode = ", release-exact" if block["release_exact"] else ""
+        return f"U2PL contrastive (weight {block['loss_weight']:g}, {block['num_queries']} queries{mode})"
+
     def __init__(self, block: dict, cfg: dict, device: torch.device):
         self.settings = ContrastiveSettings.from_config(block)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

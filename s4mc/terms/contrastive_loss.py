@@ -73,20 +73,9 @@ fp32/fp64 with autocast disabled, even when the model runs in bf16/fp16. All
 randomness comes from an explicit ``torch.Generator``. The only host syncs are the
 ones needed to enqueue a variable number of negatives.
 
-Usage in a training step (after the teacher's second forward, docs/method.md step 4)::
-
-    settings = ContrastiveSettings.from_config(cfg["trainer"]["contrastive"])
-    memory = ContrastiveMemory(num_classes, settings.memory_capacity, device=device,
-                               seed=cfg["seed"] + rank,
-                               gather=all_gather_rows if distributed else None)
-    ...
-    loss_c, stats_c = contrastive_loss(
-        out_student["rep"], out_teacher["rep"],          # both on cat(labeled, mixed)
-        prob_teacher_labeled, prob_teacher_unlabeled,     # fp32 softmax at crop size
-        label_labeled, pseudo_label_mixed,                # 255 = ignore
-        memory, settings, epoch, epochs)
-    total = loss_sup + unsup_weight * loss_unsup + loss_c  # loss_c already has loss_weight
-    checkpoint["contrastive_memory"] = memory.state_dict()  # restored with load_state_dict
+The training step reaches this through the term plug-in, s4mc/terms/contrastive.py: it builds
+the settings and the memory bank from the config block and calls `contrastive_loss` once per
+semi-supervised step; checkpoints keep the bank's `state_dict()`.
 """
 
 from __future__ import annotations
@@ -101,6 +90,7 @@ import torch.nn.functional as F
 
 from s4mc.errors import CheckpointError
 from s4mc.percentile import masked_percentile
+from s4mc.schema import NUM, key
 
 __all__ = [
     "ContrastiveSettings",
@@ -116,16 +106,33 @@ GatherFn = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------- settings
 
 
-def _default(key: str):
-    from s4mc.config import SCHEMA
+# The term's config block (`trainer.terms.contrastive`, or the release's `trainer.contrastive`):
+# the one place its defaults (the U2PL/S4MC release values), types and bounds are written.
+SETTINGS = {
+    "loss_weight": key(1.0, *NUM, low=0),
+    "negative_high_entropy": key(True, bool),
+    "low_rank": key(3, int, low=1),
+    "high_rank": key(20, int, low=2),  # and above low_rank (s4mc/terms/contrastive.py checks it)
+    "current_class_threshold": key(0.3, *NUM, low=0, high=1),
+    "current_class_negative_threshold": key(1.0, *NUM, low=0, high=1),
+    "unsupervised_entropy_ignore": key(80.0, *NUM, low=0, high=100),
+    "low_entropy_threshold": key(20.0, *NUM, low=0, high=100),
+    "num_negatives": key(50, int, low=1),
+    "num_queries": key(256, int, low=1),
+    "temperature": key(0.5, *NUM, low=1e-12),  # > 0
+    "memory_capacity": key(30000, int, low=1),
+    # true: the term as the release computed it, U2PL's four bugs included (module docstring).
+    "release_exact": key(False, bool),
+}
 
-    return SCHEMA["trainer"]["contrastive"][key].default
+
+def _default(name: str):
+    return SETTINGS[name].default
 
 
 @dataclass(frozen=True)
 class ContrastiveSettings:
-    """The ``trainer.contrastive`` block. Its defaults (the U2PL/S4MC release values) are the
-    schema's, in s4mc/config.py: the one place they are written."""
+    """The term's config block as values; the defaults are SETTINGS'."""
 
     loss_weight: float = _default("loss_weight")
     negative_high_entropy: bool = _default("negative_high_entropy")
@@ -150,8 +157,7 @@ class ContrastiveSettings:
     def from_config(cls, block: Optional[Mapping[str, Any]]) -> "ContrastiveSettings":
         """The settings of a validated `trainer.contrastive` block (None: all defaults).
 
-        s4mc/config.py's schema owns the keys' defaults, types and bounds; this only carries
-        the values over.
+        SETTINGS owns the keys' defaults, types and bounds; this only carries the values over.
         """
         if block is None:
             return cls()
