@@ -1,13 +1,20 @@
-"""Command lines of `train_semi.py` and `eval.py`; both scripts only call into here."""
+"""Command lines of `train_semi.py` and `eval.py`; both scripts only call into here.
+
+The package's modules are imported inside the functions that use them, so that `--help` and
+argument errors answer at once, without loading torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from s4mc.errors import S4MCError
+from s4mc.errors import ConfigError, S4MCError, clean_message
 
 TRAIN_EPILOG = """
 examples:
@@ -70,7 +77,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug-dump", action="store_true", help=argparse.SUPPRESS)  # tests: see loop.train
     args = parser.parse_args(argv)
 
-    from s4mc.config import load_config
+    from s4mc.config import load_config  # imported here: see the module docstring
     from s4mc.engine.interrupt import TrainingInterrupted
     from s4mc.engine.loop import TrainingDiverged, train
 
@@ -80,6 +87,7 @@ def train_main(argv: list[str] | None = None) -> int:
             overrides.append(f"seed={args.seed}")
         cfg = load_config(args.config, overrides)
         name = args.name or default_run_name(args.config, cfg["seed"])
+        prepare_toy_encoder(cfg)
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
               argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite,
               debug_dump=args.debug_dump)
@@ -102,13 +110,45 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# torchrun's and srun's variables: the toy encoder's own training run must not join the job's group.
+_LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                       "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
+                       "SLURM_LOCALID")
+
+
+def prepare_toy_encoder(cfg: dict, wait_s: float = 3600.0) -> None:
+    """`net.encoder.pretrained: toy` builds its file on first use, before training starts.
+
+    Building it is a training run of its own (s4mc/toy_pretrain.py), so it happens here and
+    never inside `train`. One process builds it in-process; under torchrun or srun, rank 0
+    builds it in a separate process (outside the job's process group) while the others wait.
+    """
+    from s4mc.models.weights import TOY_ENCODER_FILE, TOY_ENCODER_NAME  # imported here: see the module docstring
+
+    if cfg["net"]["encoder"]["pretrained"] != TOY_ENCODER_NAME or TOY_ENCODER_FILE.is_file():
+        return
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if world == 1:
+        from s4mc.toy_pretrain import ensure_pretrained_encoder
+
+        ensure_pretrained_encoder(cfg)
+    elif rank == 0:
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+        print(f"rank 0: building the toy encoder {TOY_ENCODER_FILE} (python -m s4mc.toy_pretrain)", file=sys.stderr)
+        if subprocess.run([sys.executable, "-m", "s4mc.toy_pretrain"], env=env).returncode != 0:
+            raise S4MCError("building the toy encoder failed; run `python -m s4mc.toy_pretrain` alone to see why")
+    else:
+        deadline = time.monotonic() + wait_s
+        while not TOY_ENCODER_FILE.is_file():
+            if time.monotonic() > deadline:
+                raise S4MCError(f"rank {rank}: waited {wait_s:.0f} s for rank 0 to build {TOY_ENCODER_FILE}")
+            time.sleep(1.0)
+
+
 def _report(exc: BaseException) -> None:
     """Print a fatal error once: rank 0 always, another rank only with an error of its own
     (every rank loads the same config, so a config error would print once per process)."""
-    import os
-
-    from s4mc.errors import ConfigError, clean_message
-
     rank = int(os.environ.get("RANK", "0"))
     text = clean_message(exc)
     if rank == 0:
@@ -194,9 +234,9 @@ def run_eval(args, overrides: list[str]):
     """Build the model and validation data from the config, load the checkpoint, evaluate."""
     import torch
 
-    from s4mc.data import build_val_dataset
+    from s4mc.data import build_val_dataset, build_val_loader
     from s4mc.runtime import resolve_amp
-    from s4mc.evaluation import build_val_loader, evaluate_configured, format_table, save_prediction
+    from s4mc.evaluation import evaluate_configured, format_table, save_prediction
 
     cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
     dataset = build_val_dataset(cfg)

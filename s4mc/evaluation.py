@@ -44,7 +44,7 @@ Test-time refinement (``refine``): S4MC's refinement of the averaged softmax (th
 release's ``refine_infer``) is applied before a second argmax; both predictions are
 scored in the same pass, and the refined score is ``result.refined``.
 
-Distributed: each rank evaluates a disjoint shard (``UnpaddedDistributedSampler``,
+Distributed: each rank evaluates a disjoint shard (s4mc.data's ``UnpaddedDistributedSampler``,
 so every image counts exactly once, unlike ``DistributedSampler`` which repeats
 images to even out the shards) and the confusion matrices are summed with
 ``all_reduce``.
@@ -62,7 +62,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+
+from s4mc.pseudo_label import refine as s4mc_refine
 
 from .errors import ConfigError, DataError
 
@@ -75,8 +76,6 @@ __all__ = [
     "format_table",
     "metrics_from_confusion",
     "confusion_matrix",
-    "UnpaddedDistributedSampler",
-    "build_val_loader",
     "MODES",
     "save_prediction",
     "voc_palette",
@@ -241,76 +240,6 @@ def confusion_matrix(
 # --------------------------------------------------------------------------- loaders
 
 
-class UnpaddedDistributedSampler(Sampler[int]):
-    """Rank r of W takes indices r, r + W, r + 2W, ... of a dataset of length N.
-
-    Unlike torch's DistributedSampler it never pads the shards to equal length with
-    repeated indices, so a summed confusion matrix counts every image exactly once.
-    Shards then differ in length by at most one, which is harmless for evaluation
-    because the only collective (the final all_reduce) happens after the loop.
-    """
-
-    def __init__(self, dataset_or_len, num_replicas: int = 1, rank: int = 0):
-        n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"UnpaddedDistributedSampler: need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
-        self.total = int(n)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.total, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.total, self.num_replicas))
-
-    def set_epoch(self, epoch: int) -> None:  # same interface as DistributedSampler; order is fixed
-        pass
-
-
-def _collate(items: list[dict]) -> dict:
-    """Stack dataset items into a batch dict; different image sizes get a clear error."""
-    shapes = {tuple(it["image"].shape) for it in items}
-    if len(shapes) > 1:
-        raise DataError(
-            f"validation images {[it.get('id') for it in items]} have different sizes {sorted(shapes)}; "
-            "full-image evaluation needs batch_size=1"
-        )
-    batch = {
-        "image": torch.stack([torch.as_tensor(it["image"]) for it in items]),
-        "label": torch.stack([torch.as_tensor(it["label"]).long() for it in items]),
-        "id": [str(it.get("id", "")) for it in items],
-    }
-    return batch
-
-
-def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: int = 2, batch_size: int = 1) -> DataLoader:
-    """A DataLoader over this rank's share of a validation dataset, in a fixed order.
-
-    Items are dicts ``{"image": float[3,H,W], "label": long[H,W], "id": str}``; batches
-    are the same keys stacked (ids as a list). batch_size=1 because full images differ
-    in size.
-    """
-    from s4mc.data.loaders import worker_init_fn
-
-    sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=False,
-        persistent_workers=False,
-        worker_init_fn=worker_init_fn,
-        # Its own generator: a loader draws a seed per pass, and from the global RNG that
-        # would shift dropout and mixing, so evaluating would change the training run.
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
 # --------------------------------------------------------------------------- inference
 
 
@@ -435,7 +364,6 @@ def _resolve_refine(refine, device: torch.device) -> Callable[[torch.Tensor], to
         raise ConfigError(f"evaluation.refine must be a bool, dict or callable, got {refine!r}")
     # Imported here: method.py is optional for plain evaluation and must not be a
     # hard import-time dependency of this module.
-    from .method import refine as s4mc_refine
 
     # method.refine wants the prior as a tensor next to the probabilities; lists from a
     # config are converted once here rather than per image.
@@ -496,7 +424,7 @@ def evaluate(
         ``result.refined`` from the same forward passes.
     device: where inputs go; default the model's. distributed: all-reduce the
         confusion matrices; default when torch.distributed is initialised with more
-        than one rank (each rank must then pass its own shard, see build_val_loader).
+        than one rank (each rank must then pass its own shard, see s4mc.data.build_val_loader).
     save_fn(id, pred_hw, image_chw): called per image with the prediction (uint8 when
         C <= 256) and the (cropped, still normalised)
         input image on the CPU.

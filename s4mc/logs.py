@@ -202,7 +202,7 @@ def open_writer(run_dir: Path, purge_step: int | None = None):
 
     A resumed run passes `purge_step` (the first iteration it will log), so events that the
     interrupted run wrote after its checkpoint are dropped instead of shown twice."""
-    try:
+    try:  # imported here: tensorboard is optional and slow to import
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboard is in requirements.txt
         log.warning("tensorboard is not installed: no event files will be written")

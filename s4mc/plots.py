@@ -23,7 +23,7 @@ MATPLOTLIB_MISSING = "matplotlib is needed to draw plots: pip install matplotlib
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or one clear error."""
-    try:
+    try:  # imported here: matplotlib is optional and needs its backend chosen before pyplot
         import matplotlib
     except ImportError:
         raise S4MCError(MATPLOTLIB_MISSING) from None

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 
 from s4mc.config import REPO_ROOT, load_config
-from s4mc.errors import S4MCError
+from s4mc.data.toy import PRETRAIN, generate_toy
+from s4mc.engine.loop import train
+from s4mc.models.weights import TOY_ENCODER_FILE, TOY_ENCODER_NAME
 
 log = logging.getLogger("s4mc")
 
-NAME = "toy"  # the value of net.encoder.pretrained that selects this encoder
-DEFAULT_DIR = REPO_ROOT / "data" / "toy_pretrain"
+NAME = TOY_ENCODER_NAME  # the value of net.encoder.pretrained that selects this encoder
+DEFAULT_DIR = TOY_ENCODER_FILE.parent
 POOL_SEED = 1000  # generator seed of the pool: no image is shared with the toy dataset (seed 0)
 RECIPE = {
     "pool_images": 800,
@@ -61,9 +63,6 @@ def pretrain_encoder(folder: str | os.PathLike | None = None, *, config: str | o
 
     `config` is the toy config whose model and optimiser are used (default experiments/toy/config.yaml).
     """
-    from s4mc.data.toy import PRETRAIN, generate_toy
-    from s4mc.engine.loop import train
-
     folder = Path(folder or DEFAULT_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     pool = folder / "pool"
@@ -103,7 +102,12 @@ def _shown(path) -> str:
 
 
 def ensure_pretrained_encoder(cfg: dict) -> Path | None:
-    """Build the toy encoder if the config asks for it (`net.encoder.pretrained: toy`) and it is missing."""
+    """Build the toy encoder if the config asks for it (`net.encoder.pretrained: toy`) and it is missing.
+
+    Entry points call this before training (train_semi.py: s4mc/cli.py, benchmarks), never
+    `train` itself: building it is a training run of its own. In one process only; under
+    torchrun or srun the CLI has rank 0 build it in a separate process while the others wait.
+    """
     if cfg["net"]["encoder"].get("pretrained") != NAME:
         return None
     path = encoder_path()
@@ -113,15 +117,6 @@ def ensure_pretrained_encoder(cfg: dict) -> Path | None:
                     "pool of other shapes (python -m s4mc.toy_pretrain)", path)
         pretrain_encoder()
         log.warning("pretrained encoder written to %s in %.0f s", path, time.perf_counter() - started)
-    return path
-
-
-def resolve(name: str) -> Path:
-    """The file behind `net.encoder.pretrained: toy`; a clear error if it was never built."""
-    path = encoder_path()
-    if not path.is_file():
-        raise S4MCError(f"net.encoder.pretrained: toy — {path} does not exist; build it with "
-                        f"`python -m s4mc.toy_pretrain` (train_semi.py does this on first use)")
     return path
 
 

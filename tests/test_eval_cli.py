@@ -54,7 +54,8 @@ def test_u2pl_layout_checkpoint_evaluates_and_saves(setup, tmp_path, capsys):
 def test_same_numbers_as_in_training_evaluation(setup, tmp_path, capsys):
     """eval.py and the training loop call the same function on the same data."""
     from s4mc.data import build_val_dataset
-    from s4mc.evaluation import build_val_loader, evaluate
+    from s4mc.data import build_val_loader
+    from s4mc.evaluation import evaluate
 
     cfg, cfg_path, model = setup
     ckpt = tmp_path / "ckpt.pth"

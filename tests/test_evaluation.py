@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from s4mc.errors import DataError
+from s4mc.data.loaders import UnpaddedDistributedSampler, build_val_loader
 from s4mc.evaluation import (
-    UnpaddedDistributedSampler,
-    build_val_loader,
     evaluate,
     format_table,
     metrics_from_confusion,

@@ -14,6 +14,7 @@ import yaml
 
 from s4mc.schema import Key
 from s4mc.engine import loop
+from s4mc.engine.run_header import format_run_header, preview_run_header
 from s4mc.errors import ConfigError
 from s4mc.methods import METHODS
 from s4mc.terms import TERMS, register_term
@@ -141,3 +142,54 @@ def test_the_readme_worked_example_works_as_written(kind, toy_root, toy_cfg, tmp
         assert all(line["loss_entropy_min"] > 0 for line in lines)
     else:
         assert all("loss_unsup" not in line for line in lines) and all(line["loss"] > 0 for line in lines)
+
+
+def header_text(cfg) -> str:
+    return format_run_header(preview_run_header(cfg, 1, "cpu"))
+
+
+@pytest.mark.parametrize("kind", ["term", "method"])
+def test_the_run_header_describes_the_readme_examples(kind, toy_root, toy_cfg, tmp_path, registries):
+    python, config = readme_example(kind)
+    load_as_module(python, tmp_path / python.splitlines()[0][2:])
+    text = header_text(toy_cfg(toy_root, tmp_path, **flat(config)))
+    if kind == "term":  # the term joins the mean teacher's own words, by its name
+        assert "mean teacher, semi-supervised" in text and "terms: entropy_min" in text
+        assert "U2PL contrastive" not in text
+    else:  # a method without `describe` is named, never passed off as the mean teacher
+        assert "method labeled_only" in text and "mean teacher" not in text
+
+
+def test_the_contrastive_term_is_described_as_on(toy_root, toy_cfg, tmp_path):
+    for opts in ({"trainer.contrastive": {"num_queries": 16}}, {"trainer.terms": {"contrastive": {}}}):
+        text = header_text(toy_cfg(toy_root, tmp_path, **opts))
+        assert "terms: U2PL contrastive (weight 1," in text and " off" not in text.split("terms:")[1].split("\n")[0]
+    assert "no additive terms" in header_text(toy_cfg(toy_root, tmp_path))
+
+
+def unimatch_copy_source() -> str:
+    """s4mc/methods/unimatch.py renamed to `unimatch_copy`, with one new key that its header line shows:
+    what a researcher writes to start a new method from UniMatch (one file)."""
+    source = (REPO / "s4mc" / "methods" / "unimatch.py").read_text()
+    edits = [('@register_method("unimatch", schema=SETTINGS)',
+              '@register_method("unimatch_copy", schema={**SETTINGS, "extra_note": key("none", str)})'),
+             ('cfg["trainer"]["unimatch"]', 'cfg["trainer"]["unimatch_copy"]'),
+             ('return (f"UniMatch (', 'return (f"UniMatch copy, note {u[\'extra_note\']} (')]
+    for old, new in edits:
+        assert old in source, f"unimatch.py no longer has {old!r}: update this test's edit"
+        source = source.replace(old, new)
+    return "# unimatch_copy.py\n" + source
+
+
+def test_a_method_with_its_own_settings_is_one_file(toy_root, toy_cfg, tmp_path, registries):
+    load_as_module(unimatch_copy_source(), tmp_path / "unimatch_copy.py")
+    opts = {"trainer.method": "unimatch_copy", "trainer.eval_on": False, "trainer.log_every": 1}
+    cfg = toy_cfg(toy_root, tmp_path, **opts, **{"trainer.unimatch_copy.extra_note": "hello",
+                                                 "trainer.max_iters": 2})
+    assert cfg["trainer"]["unimatch_copy"]["extra_note"] == "hello"
+    assert cfg["trainer"]["unimatch_copy"]["threshold"] == 0.95  # the copied keys keep their defaults
+    assert "UniMatch copy, note hello (single model)" in header_text(cfg)
+    with pytest.raises(ConfigError, match="unknown key 'trainer.unimatch_copy.extra_note_typo'"):
+        toy_cfg(toy_root, tmp_path, **opts, **{"trainer.unimatch_copy.extra_note_typo": 1})
+    assert loop.train(cfg, name="copy")["iterations"] == 2
+    assert all("loss_s1" in line for line in metrics_lines(tmp_path / "copy"))

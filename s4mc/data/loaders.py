@@ -22,9 +22,10 @@ import signal
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from s4mc.errors import ConfigError, DataError
 
@@ -123,7 +124,7 @@ def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
     data/toy): a mistyped data_root must be an error, not a fresh dataset in the wrong place."""
     if _dataset_type(cfg) != "toy":
         return
-    from .toy import ensure_toy  # on first use, see __init__
+    from .toy import ensure_toy  # imported here: see s4mc/data/__init__.py (python -m s4mc.data.toy)
 
     path = Path(root)
     if path.name == "toy" or (path.is_dir() and any(path.iterdir())):
@@ -194,7 +195,6 @@ def worker_init_fn(worker_id: int) -> None:
     from the (rank-dependent) base seed + worker id; keep cv2 single-threaded, and leave
     Ctrl-C to the main process, which stops the run at an iteration boundary (a worker
     killed by it would end the run with no checkpoint)."""
-    import cv2
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -300,3 +300,75 @@ def build_val_dataset(cfg: dict) -> SegmentationDataset:
         samples, num_classes=info.num_classes, ignore_index=info.ignore_index,
         transform=EvalTransform(cfg["dataset"]["mean"],
                                 cfg["dataset"]["std"]))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class UnpaddedDistributedSampler(Sampler[int]):
+    """Rank r of W takes indices r, r + W, r + 2W, ... of a dataset of length N.
+
+    Unlike torch's DistributedSampler it never pads the shards to equal length with
+    repeated indices, so a summed confusion matrix counts every image exactly once.
+    Shards then differ in length by at most one, which is harmless for evaluation
+    because the only collective (the final all_reduce) happens after the loop.
+    """
+
+    def __init__(self, dataset_or_len, num_replicas: int = 1, rank: int = 0):
+        n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"UnpaddedDistributedSampler: need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+        self.total = int(n)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total, self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:  # same interface as DistributedSampler; order is fixed
+        pass
+
+
+def _collate(items: list[dict]) -> dict:
+    """Stack dataset items into a batch dict; different image sizes get a clear error."""
+    shapes = {tuple(it["image"].shape) for it in items}
+    if len(shapes) > 1:
+        raise DataError(
+            f"validation images {[it.get('id') for it in items]} have different sizes {sorted(shapes)}; "
+            "full-image evaluation needs batch_size=1"
+        )
+    batch = {
+        "image": torch.stack([torch.as_tensor(it["image"]) for it in items]),
+        "label": torch.stack([torch.as_tensor(it["label"]).long() for it in items]),
+        "id": [str(it.get("id", "")) for it in items],
+    }
+    return batch
+
+
+def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: int = 2, batch_size: int = 1) -> DataLoader:
+    """A DataLoader over this rank's share of a validation dataset, in a fixed order.
+
+    Items are dicts ``{"image": float[3,H,W], "label": long[H,W], "id": str}``; batches
+    are the same keys stacked (ids as a list). batch_size=1 because full images differ
+    in size.
+    """
+
+    sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        persistent_workers=False,
+        worker_init_fn=worker_init_fn,
+        # Its own generator: a loader draws a seed per pass, and from the global RNG that
+        # would shift dropout and mixing, so evaluating would change the training run.
+        generator=torch.Generator().manual_seed(0),
+    )

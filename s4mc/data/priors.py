@@ -31,9 +31,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from s4mc.config import load_config
 from s4mc.errors import ConfigError, DataError
 
 from .datasets import DATASET_TYPES, SegmentationDataset, build_samples
+from .loaders import _dataset_type, _maybe_make_toy
 
 PRIORS = {
     "pascal": [
@@ -216,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
               "mask_suffix": a.mask_suffix}
     try:
         if a.config:
-            from s4mc.config import load_config  # owned by the config module
-            from .loaders import _dataset_type
             cfg = load_config(a.config, [])
             dtype = _dataset_type(cfg)
             root, split = cfg["dataset"]["train"]["data_root"], cfg["dataset"]["train"]["data_list"]
@@ -225,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
             custom = {k: cfg["dataset"][k] for k in custom}
             if a.neighbors is None:  # the prior must match the neighbourhood the run refines with
                 a.neighbors = int(cfg["trainer"]["unsupervised"]["neighborhood_size"])
-            from .loaders import _maybe_make_toy
             _maybe_make_toy(cfg, root, "dataset.train.data_root")
             if not Path(root).is_dir():
                 raise DataError(f"dataset.train.data_root: the dataset root {root} does not exist or is not a directory")

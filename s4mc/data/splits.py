@@ -24,7 +24,8 @@ import numpy as np
 
 from s4mc.errors import DataError
 
-from .datasets import DATASET_TYPES, IMAGE_EXTS, read_split
+from .datasets import (DATASET_TYPES, IMAGE_EXTS, _check_root, _cityscapes_samples, _custom_samples, _voc_samples,
+                       read_split)
 
 BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/splits/"
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")
@@ -144,7 +145,6 @@ def check_split(dataset_type: str, root: str | os.PathLike, split: str | os.Path
                 masks: bool = True, **custom) -> dict[str, list[str]]:
     """{"missing_images": [...], "missing_masks": [...]} for every id of `split`."""
     # resolve without failing at the first missing file, so all of them are reported
-    from .datasets import _check_root, _cityscapes_samples, _custom_samples, _voc_samples
     r = _check_root(root)
     lines = read_split(split)
     if dataset_type in ("pascal", "toy"):

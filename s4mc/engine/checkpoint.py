@@ -11,6 +11,7 @@ contrastive memory bank under `memory_state`; resuming one restores it into the 
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -201,7 +202,6 @@ def restore(state: TrainState, ckpt: dict, path: str) -> None:
     if rngs and len(rngs) == state.dist.world_size:
         restore_rng(state, rngs[state.dist.rank])
     elif rngs:
-        import logging
 
         logging.getLogger("s4mc").warning(
             "checkpoint %s was written by %d ranks, this run has %d: RNG streams restart from the seed",

@@ -18,6 +18,8 @@ import torch
 from s4mc import pseudo_label
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
+from s4mc.data import build_train_loaders, build_val_dataset, build_val_loader, dataset_info
+from s4mc.data.priors import resolve_prior
 from s4mc.engine.batches import build_partner_loader, epoch_batches
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
@@ -25,12 +27,13 @@ from s4mc.engine.run_header import announce_run_header, build_run_header, count_
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
+from s4mc.evaluation import evaluate_configured, format_table, training_protocols
 from s4mc.methods import build_method, method_class
+from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
 from s4mc.terms import build_terms, needs_rep
 from s4mc.logs import (MetricsLog, Progress, attach_log_file, comparison_line, detach_log_file, format_duration, log,
                        log_fatal_to_file, log_visuals, open_writer, setup_logging, study_row)
-from s4mc.toy_pretrain import ensure_pretrained_encoder
 
 class TrainingDiverged(S4MCError):
     """The loss or the model became NaN or infinite; the last good checkpoint is left untouched."""
@@ -53,9 +56,6 @@ def set_rep_output(model: torch.nn.Module, enabled: bool) -> None:
 # --------------------------------------------------------------------------- the run
 def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     """Student, teacher, optimizer and the rest, placed on the device."""
-    from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
-    from s4mc.data.priors import resolve_prior
-
     tr = cfg["trainer"]
     student = build_model(cfg["net"])
     if cfg["saver"]["pretrain"]:
@@ -144,8 +144,6 @@ def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) 
     With several processes and no SyncBN, the model evaluated holds the ranks' mean BN
     statistics, the same model a checkpoint saves (see `rank_averaged_buffers`).
     """
-    from s4mc.evaluation import evaluate_configured, training_protocols
-
     model = state.teacher if semi and state.semi_start is not None else state.student_module
     with rank_averaged_buffers(state.student_module, state.teacher):
         return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
@@ -181,17 +179,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     debug_rank<R>.pt in the run directory, so a test can check that DDP kept the ranks identical
     and that logged metrics are rank means.
     """
-    from s4mc.data import build_train_loaders, build_val_dataset, dataset_info
-    from s4mc.evaluation import build_val_loader, format_table
-
     dist = init_distributed(local_rank, device)
     tr = cfg["trainer"]
     run_dir = Path(cfg["output_dir"]) / name
-    if dist.is_main:
-        # net.encoder.pretrained: toy builds its file on first use: a run of its own, so before
-        # this run sets up its logging
-        ensure_pretrained_encoder(cfg)
-    barrier()  # the other ranks load that file when they build the model
     ckpt_dir = checkpoint_dir(run_dir, cfg)
     setup_logging(dist.rank)  # console; the run's train.log joins once the run has started
     resume_path = find_resume(resume, run_dir, cfg)

@@ -17,7 +17,8 @@ from torch import nn
 from s4mc.errors import ConfigError
 
 from .deeplabv3plus import AuxHead, DeepLabV3PlusDecoder, SegmentationModel
-from .resnet import resnet50, resnet101, resnet_tiny
+from .resnet import ResNet, resnet50, resnet101, resnet_tiny
+from .weights import TOY_ENCODER_NAME, load_backbone, toy_encoder_file
 
 log = logging.getLogger("s4mc")
 
@@ -52,8 +53,6 @@ def _call(builder: Callable[..., nn.Module], kwargs: Mapping[str, Any], key: str
     params = inspect.signature(builder).parameters
     takes_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if takes_var:  # resnet50/101 forward **kwargs to ResNet: check against its signature
-        from .resnet import ResNet
-
         params = {**params, **inspect.signature(ResNet.__init__).parameters}
     allowed = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and n not in ("self", "layers")}
     if builder is resnet_tiny:
@@ -120,11 +119,5 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     model = SegmentationModel(encoder, decoder, auxor)
     pretrained = enc_cfg.get("pretrained")
     if pretrained:
-        from .weights import load_backbone
-
-        if pretrained == "toy":  # the toy's pretrained encoder (s4mc/toy_pretrain.py)
-            from s4mc.toy_pretrain import resolve as toy_encoder
-
-            pretrained = toy_encoder(pretrained)
-        load_backbone(model, pretrained)
+        load_backbone(model, toy_encoder_file() if pretrained == TOY_ENCODER_NAME else pretrained)
     return model

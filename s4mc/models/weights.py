@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s4mc.errors import CheckpointError
+from s4mc.errors import CheckpointError, S4MCError
 
 log = logging.getLogger("s4mc")
 
@@ -99,7 +99,7 @@ def _numpy_globals() -> list:
     """The numpy objects a weights-only load may rebuild: U2PL/S4MC checkpoints hold
     ``best_miou`` as a numpy.float64 (the mean of a numpy IoU array). A file pickled under numpy 1
     names the module numpy.core, under numpy 2 numpy._core, so both names are allowed."""
-    try:
+    try:  # imported here: the module's name depends on the installed numpy's major version
         from numpy._core import multiarray
     except ImportError:  # numpy 1
         from numpy.core import multiarray
@@ -163,6 +163,20 @@ def _torchvision_weights(encoder: nn.Module):
             "have a 7x7 stem) and the default width 64"
         )
     return table[depth]
+
+
+# `net.encoder.pretrained: toy`: the toy's "ImageNet" encoder, built by s4mc/toy_pretrain.py
+# (train_semi.py builds it on first use) and shipped in the repository.
+TOY_ENCODER_NAME = "toy"
+TOY_ENCODER_FILE = Path(__file__).resolve().parents[2] / "data" / "toy_pretrain" / "encoder.pth"
+
+
+def toy_encoder_file() -> Path:
+    """The file behind `net.encoder.pretrained: toy`; a clear error if it was never built."""
+    if not TOY_ENCODER_FILE.is_file():
+        raise S4MCError(f"net.encoder.pretrained: toy — {TOY_ENCODER_FILE} does not exist; build it with "
+                        f"`python -m s4mc.toy_pretrain` (train_semi.py does this on first use)")
+    return TOY_ENCODER_FILE
 
 
 def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:

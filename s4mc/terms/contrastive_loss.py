@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from s4mc.errors import CheckpointError
@@ -219,8 +220,6 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     When torch.distributed is not initialised, or the world has one rank, the tensor is
     returned unchanged.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     world = dist.get_world_size()
@@ -693,8 +692,6 @@ def _release_world_division(loss: torch.Tensor, world_size: Optional[int]) -> to
     """The release's ``all_reduce(loss); loss / world``: the value becomes the mean over the
     ranks, while the gradient is the local one divided by the world size (all_reduce is not
     differentiated), and DDP then averages that gradient once more."""
-    import torch.distributed as dist
-
     distributed = dist.is_available() and dist.is_initialized()
     if world_size is None:
         world_size = dist.get_world_size() if distributed else 1
