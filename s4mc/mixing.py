@@ -124,21 +124,12 @@ def apply_mix(x, mask, partner=None, fill=None):
     return torch.where(mask, partner.to(x.device, x.dtype), x)
 
 
-def mix_batch(mode, mask, image, labels, *, partner_image=None, partner_labels=None, ignore_index=255):
-    """Apply one mask to an image batch and to each label batch in `labels` alike.
-
-    Returns (image, [labels...]). Cutout erases (image 0, label `ignore_index`); the other
-    modes paste from the partner. `partner_labels`, when given, pairs with `labels`.
-    """
-    if mode not in MODES:
-        raise ConfigError(f"unknown mixing mode {mode!r}; expected one of {', '.join(MODES)}")
-    labels = list(labels)
-    if mode == "none":
-        return image, labels
+def mix(mode: str, mask, x, partner=None, fill=None):
+    """`x` (images or labels) mixed by `mask` the way `mode` mixes: Cutout erases to `fill`,
+    CutMix and ClassMix paste from `partner` (None: the batch rolled by one)."""
+    if mode not in MODES or mode == "none":
+        raise ConfigError(f"mixing mode {mode!r} does not mix; expected one of "
+                          f"{', '.join(m for m in MODES if m != 'none')}")
     if mode == "cutout":
-        return apply_mix(image, mask, fill=0.0), [apply_mix(y, mask, fill=ignore_index) for y in labels]
-    partners = list(partner_labels) if partner_labels is not None else [None] * len(labels)
-    if len(partners) != len(labels):
-        raise ValueError(f"{len(partners)} partner label batches for {len(labels)} label batches")
-    return (apply_mix(image, mask, partner_image),
-            [apply_mix(y, mask, p) for y, p in zip(labels, partners)])
+        return apply_mix(x, mask, fill=fill)
+    return apply_mix(x, mask, partner=partner)

@@ -14,10 +14,8 @@ import numpy as np
 import torch
 
 from s4mc import __version__
-from s4mc.config import dump_config
+from s4mc.config import REPO_ROOT, dump_config
 from s4mc.distributed import DistInfo
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def seed_everything(seed: int, rank: int, deterministic: bool) -> None:
@@ -60,4 +58,13 @@ def write_run_info(run_dir: Path, cfg: dict, dist: DistInfo, argv: list[str]) ->
         "world_size": dist.world_size,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (run_dir / "environment.json").write_text(json.dumps(info, indent=2))
+    update_environment(run_dir, info)
+
+
+def update_environment(run_dir: str | Path, fields: dict) -> None:
+    """Merge `fields` into the run's environment.json (the one writer of that file): the versions
+    at the start of a run, the protocol facts once the run header is known."""
+    path = Path(run_dir) / "environment.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.update(fields)
+    path.write_text(json.dumps(info, indent=2))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from s4mc.errors import ConfigError
-from s4mc.mixing import apply_mix, mix_batch, sample_mix_mask
+from s4mc.mixing import apply_mix, mix, sample_mix_mask
 
 B, H, W = 4, 21, 30
 
@@ -33,7 +33,7 @@ def test_mixing_keeps_image_and_label_aligned(mode):
     # ClassMix chooses classes from a pseudo-label: give it blocks of several classes.
     pseudo = (torch.arange(W).view(1, 1, W) // 7 + torch.arange(B).view(B, 1, 1)).expand(B, H, W) % 5
     mask = sample_mix_mask(B, H, W, mode=mode, prob=1.0, generator=_generator(), pseudo_label=pseudo)
-    mixed_image, (mixed_label, mixed_pseudo) = mix_batch(mode, mask, image, [label, pseudo])
+    mixed_image, mixed_label, mixed_pseudo = (mix(mode, mask, x) for x in (image, label, pseudo))
     assert torch.equal(_decode(mixed_image), mixed_label)
     sample = _decode(mixed_image) // (H * W)
     expected_sample = torch.where(mask, (torch.arange(B).view(B, 1, 1) + 1) % B, torch.arange(B).view(B, 1, 1))
@@ -53,7 +53,7 @@ def test_mixing_keeps_image_and_label_aligned(mode):
 def test_cutout_erases_image_and_label_together():
     image, label = _encoded_batch()
     mask = sample_mix_mask(B, H, W, mode="cutout", prob=1.0, generator=_generator())
-    mixed_image, (mixed_label,) = mix_batch("cutout", mask, image, [label])
+    mixed_image, mixed_label = mix("cutout", mask, image, fill=0.0), mix("cutout", mask, label, fill=255)
     erased = (mixed_image == 0).all(1)
     assert torch.equal(erased, mask) and torch.equal(mixed_label == 255, mask)
     assert torch.equal(_decode(mixed_image)[~mask], label[~mask])
@@ -89,8 +89,7 @@ def test_batch_of_one_needs_a_partner():
     with pytest.raises(ValueError, match="batch of 1"):
         sample_mix_mask(1, H, W, mode="classmix", prob=1.0, generator=_generator(), pseudo_label=label % 3)
     partner_image, partner_label = _encoded_batch(batch=1, offset=1)
-    mixed_image, (mixed_label,) = mix_batch("cutmix", mask, image, [label], partner_image=partner_image,
-                                            partner_labels=[partner_label])
+    mixed_image, mixed_label = mix("cutmix", mask, image, partner_image), mix("cutmix", mask, label, partner_label)
     assert torch.equal(_decode(mixed_image), mixed_label)
     assert torch.equal(mixed_label // (H * W) == 1, mask)
     classmix = sample_mix_mask(1, H, W, mode="classmix", prob=1.0, generator=_generator(),
@@ -151,3 +150,11 @@ def test_default_gate_is_batch_and_unknown_gate_is_rejected():
     assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="mix gate"):
         sample_mix_mask(4, 8, 8, mode="cutmix", generator=_generator(), gate="pixel")
+
+
+def test_mix_refuses_a_mode_that_does_not_mix():
+    image, _ = _encoded_batch()
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    for mode in ("none", "cutmx"):
+        with pytest.raises(ConfigError, match=f"mixing mode '{mode}' does not mix"):
+            mix(mode, mask, image)

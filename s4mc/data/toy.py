@@ -52,7 +52,6 @@ from .classes import TOY_CLASSES, TOY_PALETTE
 
 log = logging.getLogger(__name__)
 
-NUM_CLASSES = len(TOY_CLASSES)  # background + 5 shapes
 _N_TEXTURES = 5                # flat, stripes, checker, noise, dots
 _CLASS_PREF = 0.97             # probability a class uses "its" colour pool / texture
 

@@ -25,7 +25,7 @@ from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.errors import DataError, S4MCError, clean_message
 from s4mc.methods import METHODS, describe_method
 from s4mc.models import build_model
-from s4mc.runtime import resolve_amp
+from s4mc.runtime import resolve_amp, update_environment
 from s4mc.terms import active_terms
 
 DATASET_NAMES = {"pascal": "VOC", "cityscapes": "Cityscapes", "toy": "toy shapes", "custom": "custom"}
@@ -273,15 +273,7 @@ def announce_run_header(facts: dict, run_dir: str | Path | None = None,
         # The log format has no level name; the prefix makes the line findable (grep warning).
         logger.warning("warning: %s", facts["batch"]["warning"])
     if run_dir is not None:
-        record_run_header(run_dir, facts)
-
-
-def record_run_header(run_dir: str | Path, facts: dict) -> None:
-    """Add the facts to the run's environment.json under "protocol" (creating it if absent)."""
-    path = Path(run_dir) / "environment.json"
-    info = json.loads(path.read_text()) if path.is_file() else {}
-    info["protocol"] = facts
-    path.write_text(json.dumps(info, indent=2))
+        update_environment(run_dir, {"protocol": facts})
 
 
 def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> dict:

@@ -16,13 +16,6 @@ from s4mc.pseudo_label import S4MCSettings, describe_selection
 from s4mc.terms import TermInputs, apply_terms, describe_terms
 
 
-def mix(mode: str, box, x, partner_x, fill):
-    """`x` mixed by `box`: erased to `fill` for Cutout, else pasted from `partner_x` (None: the batch rolled)."""
-    if mode == "cutout":
-        return mixing.apply_mix(x, box, fill=fill)
-    return mixing.apply_mix(x, box, partner=partner_x)
-
-
 @register_method("mean_teacher")
 class MeanTeacher:
 
@@ -84,10 +77,10 @@ class MeanTeacher:
             box = mixing.sample_mix_mask(
                 n_u, *size, mode=self.mode, prob=self.mix_prob, generator=state.generator, device=state.device,
                 pseudo_label=mask_u_w, partner_label=mask_p_w, ignore_index=ignore, gate=self.mix_gate)
-            img_u_s_mix = mix(self.mode, box, img_u_s, img_p_s, 0.0)
-            img_u_t_mix = mix(self.mode, box, img_u_w, img_p_w, 0.0) if strong != "image" else img_u_s_mix
-            mask_u_w = mix(self.mode, box, mask_u_w, mask_p_w, ignore)
-            gt_u = mix(self.mode, box, gt_u, gt_p, ignore)
+            img_u_s_mix = mixing.mix(self.mode, box, img_u_s, img_p_s, fill=0.0)
+            img_u_t_mix = mixing.mix(self.mode, box, img_u_w, img_p_w, fill=0.0) if strong != "image" else img_u_s_mix
+            mask_u_w = mixing.mix(self.mode, box, mask_u_w, mask_p_w, fill=ignore)
+            gt_u = mixing.mix(self.mode, box, gt_u, gt_p, fill=ignore)
         img_u_s_mix, img_u_t_mix = state.memory_format(img_u_s_mix), state.memory_format(img_u_t_mix)
 
         # 3. Student on labeled + strong unlabeled, one forward.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from s4mc.config import REPO_ROOT
 from s4mc.errors import CheckpointError, S4MCError
 
 log = logging.getLogger("s4mc")
@@ -168,7 +169,7 @@ def _torchvision_weights(encoder: nn.Module):
 # `net.encoder.pretrained: toy`: the toy's "ImageNet" encoder, built by s4mc/toy_pretrain.py
 # (train_semi.py builds it on first use) and shipped in the repository.
 TOY_ENCODER_NAME = "toy"
-TOY_ENCODER_FILE = Path(__file__).resolve().parents[2] / "data" / "toy_pretrain" / "encoder.pth"
+TOY_ENCODER_FILE = REPO_ROOT / "data" / "toy_pretrain" / "encoder.pth"
 
 
 def toy_encoder_file() -> Path:
