@@ -42,7 +42,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import variants  # noqa: E402  (benchmarks/variants.py: the study's runner and summaries)
 
-from s4mc import pseudo_label  # noqa: E402
+from s4mc import pseudo_label as selection  # noqa: E402
 from s4mc.diagnostics import pseudo_label_diagnostics, reliability_order  # noqa: E402
 from s4mc.errors import S4MCError  # noqa: E402
 
@@ -72,7 +72,7 @@ def moved_threshold_keep(raw, valid, count, low_is_reliable=False):
     return (rank < count).view_as(valid) & valid
 
 
-def oracle_target_fn(mode, original=pseudo_label.pseudo_label_target):
+def oracle_target_fn(mode, original=selection.pseudo_label_target):
     """A drop-in for `s4mc.pseudo_label.pseudo_label_target` whose mask is `oracle_keep`'s (or, for "moved",
     `moved_threshold_keep`'s)."""
     def target(teacher_logits, pseudo_label, keep_percent, *, ground_truth=None, ignore_index=255, **kwargs):
@@ -89,7 +89,7 @@ def oracle_target_fn(mode, original=pseudo_label.pseudo_label_target):
         keep = refined != ignore_index
         if mode == "moved":
             indicator = kwargs.get("indicator", "margin")
-            raw = pseudo_label.indicator_map(torch.softmax(teacher_logits.detach().float(), dim=1), indicator)
+            raw = selection.indicator_map(torch.softmax(teacher_logits.detach().float(), dim=1), indicator)
             keep = moved_threshold_keep(raw, valid, keep.sum(), low_is_reliable=indicator == "entropy")
         else:
             keep = oracle_keep(keep, keep_unrefined, valid & (pseudo_label == ground_truth), mode)
@@ -101,12 +101,12 @@ def oracle_target_fn(mode, original=pseudo_label.pseudo_label_target):
 @contextlib.contextmanager
 def oracle(mode):
     """Swap the oracle into `s4mc.method` for the runs inside (every method reaches step 7 through it)."""
-    original = pseudo_label.pseudo_label_target
-    pseudo_label.pseudo_label_target = oracle_target_fn(mode, original)
+    original = selection.pseudo_label_target
+    selection.pseudo_label_target = oracle_target_fn(mode, original)
     try:
         yield
     finally:
-        pseudo_label.pseudo_label_target = original
+        selection.pseudo_label_target = original
 
 
 def train_rows(args) -> int:

@@ -28,7 +28,7 @@ def _without_batch_statistics(monkeypatch):
                     setattr(module, child_name, torch.nn.Identity())
         return model
 
-    monkeypatch.setattr(s4mc.models, "build_model", build_plain)
+    monkeypatch.setattr(loop, "build_model", build_plain)  # where build_state finds it
 
 
 def _state(cfg):

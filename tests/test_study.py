@@ -132,18 +132,18 @@ def test_plots_without_matplotlib_says_so(monkeypatch):
 
 def test_pretrained_encoder_loads_strictly_into_the_toy_model(tmp_path, toy_cfg, toy_root, monkeypatch):
     from s4mc import toy_pretrain
-    from s4mc.models import build_model
+    from s4mc.models import build_model, weights
 
     tiny = ["dataset.train.crop.size=[40,40]", "dataset.workers=0", "net.encoder.kwargs.width=8",
             "net.decoder.kwargs.inner_planes=16", "net.decoder.kwargs.low_conv_planes=16", "trainer.eval_on=false"]
     path = toy_pretrain.pretrain_encoder(tmp_path / "pre", pool_images=16, epochs=1, size=48, extra=tiny)
     assert path.is_file() and json.loads((tmp_path / "pre" / "encoder.json").read_text())["iterations"] == 2
-    monkeypatch.setattr(toy_pretrain, "DEFAULT_DIR", tmp_path / "pre")
+    monkeypatch.setattr(weights, "TOY_ENCODER_FILE", path)  # where `net.encoder.pretrained: toy` looks
     cfg = toy_cfg(toy_root, tmp_path, **{"net.encoder.pretrained": "toy"})
     model = build_model(cfg["net"])
     saved = torch.load(path, weights_only=True)
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in saved.items())
-    monkeypatch.setattr(toy_pretrain, "DEFAULT_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(weights, "TOY_ENCODER_FILE", tmp_path / "nowhere" / "encoder.pth")
     with pytest.raises(S4MCError, match="python -m s4mc.toy_pretrain"):
         build_model(cfg["net"])
 
