@@ -246,3 +246,86 @@ def test_splits_make_help_says_it_takes_any_layout(capsys):
         splits_mod.main(["make", "--help"])
     text = capsys.readouterr().out
     assert "any layout" in text and "VOC" in text and "--image-dir JPEGImages" in text
+
+
+# --------------------------------------------------------------------------- the smaller things (item 7)
+
+def test_n_sup_is_the_same_error_in_the_preview_as_in_training(tmp_path, capsys):
+    from s4mc.engine.run_header import main as header_main
+
+    root = fake_voc(tmp_path / "VOC2012")  # its labeled list has 4 ids; the config says n_sup 366
+    opts = [f"dataset.train.data_list={root / 'splits/366/labeled.txt'}", f"dataset.val.data_list={root / 'splits/val.txt'}",
+            *TINY_NET]
+    assert header_main(["--config", str(REPO / "experiments/pascal/366/config.yaml"), "--opts", *opts]) == 2
+    err = capsys.readouterr().err
+    assert "dataset.n_sup = 366 but" in err and "lists 4 labeled images" in err and "--opts dataset.n_sup=null" in err
+    assert header_main(["--config", str(REPO / "experiments/pascal/366/config.yaml"), "--opts", *opts,
+                        "dataset.n_sup=null"]) == 0
+
+
+def test_console_parts_unimatch_loss_adds_up_and_gamma_is_never_a_bare_zero():
+    from s4mc.logs import Progress
+    from s4mc.methods.unimatch import UniMatch
+
+    cfg = load_config(REPO / "experiments/pascal_unimatch/366/config.yaml", ["net.encoder.pretrained=null"])
+    u = cfg["trainer"]["unimatch"]
+    raw = {"loss_sup": 0.8, "loss_s1": 0.4, "loss_s2": 0.36, "loss_fp": 0.3}
+    total = (raw["loss_sup"] + u["weight_strong"] * (raw["loss_s1"] + raw["loss_s2"]) + u["weight_fp"] * raw["loss_fp"]) / 2
+    progress = Progress(10, 4, 1, loss_parts=lambda values: UniMatch.console_loss_parts(cfg, values))
+    parts = progress.format_parts({**raw, "loss": total, "threshold": 4.1e-4, "kept_fraction": 0.991,
+                                   "kept_fraction_unrefined": 0.6})
+    head, shares = parts[0].split(" = ")
+    assert head == f"loss {total:.4f}"
+    named = dict(share.split() for share in shares.split(" + "))
+    assert list(named) == ["sup", "s1", "s2", "fp"]
+    assert sum(map(float, named.values())) == pytest.approx(total, abs=2e-4)
+    assert "γ 4.1e-04" in parts and "kept 99.1% (unrefined 60.0%)" in parts
+    # UniMatch alone: a fixed threshold, no γ; the share that reaches it.
+    assert progress.format_parts({**raw, "loss": total, "kept_fraction": 0.123})[1:] == ["kept 12.3%"]
+
+
+def test_eta_counts_to_max_iters_and_is_a_lower_bound_in_the_warm_up():
+    from s4mc.logs import Progress
+
+    progress = Progress(total_iters=100, images_per_iter=2, every=5, stop_at=10)
+    progress.phase_iter, progress.phase_time = 0, 0.0
+    assert progress.eta(5, now=10.0) == "10s"  # 2 s per step, 5 steps to max_iters (not 95 to the schedule's end)
+    assert "stops at 10 (trainer.max_iters)" in progress._position(0, 10, 5)
+    warm = Progress(total_iters=100, images_per_iter=2, every=5, semi_from=20)
+    warm.phase_iter, warm.phase_time = 0, 0.0
+    assert warm.eta(10, now=10.0) == "at least 1m30s (warm-up pace)"
+    for i in range(11, 22):  # the semi phase's pace is timed from its second step on
+        warm.update({}, i)
+    assert warm.phase_iter == 21
+
+
+def test_workers_are_capped_at_the_usable_cpus(monkeypatch, caplog):
+    from s4mc.data import loaders
+
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(loaders, "_capped_told", set())
+    with caplog.at_level("INFO", logger="s4mc"):
+        assert loaders.cap_workers(4) == 2 and loaders.cap_workers(4) == 2 and loaders.cap_workers(1) == 1
+    assert [r.getMessage() for r in caplog.records] == ["dataset.workers 4 capped at 2, the CPUs this process may use"]
+
+
+def test_a_stop_is_announced_at_once_and_torchruns_traceback_explained(monkeypatch, capfd):
+    import signal
+
+    from s4mc.engine.interrupt import announce_pending_stop, interrupted_message
+
+    monkeypatch.delenv("RANK", raising=False)
+    announce_pending_stop(signal.SIGINT)
+    assert "SIGINT: stop pending; finishing the current iteration, then saving latest.pth" in capfd.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    announce_pending_stop(signal.SIGINT)
+    assert capfd.readouterr().err == ""  # once, from rank 0
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert interrupted_message("saved.") == "saved."
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert "SignalException traceback" in interrupted_message("saved.")
+
+
+def test_no_config_cites_a_file_that_is_not_in_the_repository():
+    for path in (REPO / "experiments").rglob("*.yaml"):
+        assert "SPEC.md" not in path.read_text(encoding="utf-8"), path

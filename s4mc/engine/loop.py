@@ -19,7 +19,7 @@ from s4mc import method
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.batches import build_partner_loader, epoch_batches
-from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
+from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
@@ -362,9 +362,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     stop = StopRequest(dist.device, dist.distributed).install()
 
     def interrupted() -> TrainingInterrupted:
-        return TrainingInterrupted(
+        return TrainingInterrupted(interrupted_message(
             f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
-            f"Continue with --resume auto.", stop.signum or signal.SIGINT)
+            f"Continue with --resume auto."), stop.signum or signal.SIGINT)
 
     last_result = None
     images_since_eval = False
