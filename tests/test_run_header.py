@@ -99,7 +99,7 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
 
     # The preview (no images, no run) states the same protocol as the run did.
     preview = preview_run_header(load_config(REPO / "experiments/pascal/366/config.yaml", opts), 1, "cpu")
-    for key in ("batch", "lr", "schedule", "method", "evaluation", "precision", "target"):
+    for key in ("batch", "lr", "schedule", "method", "start", "evaluation", "precision", "target"):
         assert preview[key] == facts[key], key
     assert (preview["dataset"]["labeled_images"], preview["dataset"]["unlabeled_images"]) == (4, 12)
 
