@@ -526,14 +526,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, data: dict | None = None) -> dict:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, data: dict | None = None,
+                where: str | None = None) -> dict:
     """Load, alias, override, validate and resolve one config.
 
     `path` is a YAML file (or None when `data` is given directly, as tests do).
     `overrides` are `a.b.c=value` strings, applied after aliasing and before
-    validation, so an override may also use a release key name.
+    validation, so an override may also use a release key name. `where` names the source
+    in errors when it is not `path` (a checkpoint's config, say).
     """
-    where = str(path) if path is not None else "<config>"
+    where = where or (str(path) if path is not None else "<config>")
     raw = read_yaml(path) if data is None else copy.deepcopy(data)
     raw, used_alias = _rename_aliases(raw, where)
     for item in overrides or []:
@@ -629,6 +631,41 @@ def _check_semantics(cfg: dict, where: str) -> None:
     if ds["train"]["crop"]["type"] != "rand":
         fail("dataset.train.crop.type", f"= {ds['train']['crop']['type']!r}: training crops are always random "
              "(rand), as in the release; other types are not implemented")
+
+
+def config_from_checkpoint(saved: dict, overrides: list[str] | None = None, *, source: str = "checkpoint") -> dict:
+    """The resolved config a training checkpoint carries (its `config` entry), validated again
+    with `overrides` applied; errors name `source`. Its paths are absolute already; a relative
+    path in an override resolves against the repository, as in any config."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source}: its 'config' entry is a {type(saved).__name__}, not a config mapping")
+    data = {k: v for k, v in saved.items() if k != "config_file"}
+    data["path_base"] = "repo"
+    cfg = load_config(None, overrides, data=data, where=f"{source} (the config it was trained with)")
+    cfg["config_file"] = saved.get("config_file")
+    return cfg
+
+
+def differences(saved: dict, current: dict, prefix: str = "", skip: tuple = ()) -> list[str]:
+    """`key: saved value -> current value` for every key under `prefix` that differs, keys in
+    `skip` (and their sub-keys) left out."""
+    def flat(node, at=""):
+        out = {}
+        for key, value in (node or {}).items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{at}{key}."))
+            else:
+                out[f"{at}{key}"] = value
+        return out
+
+    a, b = flat(saved), flat(current)
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        if not key.startswith(prefix) or any(key == k or key.startswith(k + ".") for k in skip):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            rows.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return rows
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:

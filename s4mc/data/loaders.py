@@ -153,6 +153,19 @@ def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
     )
 
 
+def check_n_sup(cfg: dict, labeled_list, count: int) -> None:
+    """dataset.n_sup, when set, must be the labeled list's length (training and the header preview alike).
+
+    The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
+    almost always the wrong split file, so it is an error rather than a silent resample.
+    """
+    n_sup = cfg["dataset"]["n_sup"]
+    if n_sup is not None and n_sup != count:
+        raise ConfigError(f"dataset.n_sup = {n_sup} but {labeled_list} lists {count} labeled images; point "
+                          "dataset.train.data_list at the split with that many images (python -m s4mc.data.splits "
+                          "make), or drop the check with --opts dataset.n_sup=null")
+
+
 def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views: int = 0):
     """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms.
 
@@ -166,13 +179,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views:
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong_views=0)
     labeled_samples = _samples(cfg, root, labeled_list, True, root_key)
-    n_sup = cfg["dataset"]["n_sup"]
-    if n_sup is not None and n_sup != len(labeled_samples):
-        # The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
-        # almost always the wrong split file, so it is an error rather than a silent resample.
-        raise ConfigError(f"dataset.n_sup = {n_sup} but {labeled_list} lists {len(labeled_samples)} labeled "
-                          "images; point dataset.train.data_list at the split with that many images "
-                          "(python -m s4mc.data.splits make), or drop dataset.n_sup")
+    check_n_sup(cfg, labeled_list, len(labeled_samples))
     labeled = SegmentationDataset(labeled_samples, num_classes=info.num_classes,
                                   ignore_index=info.ignore_index, transform=weak)
     if labeled_only:
@@ -236,6 +243,30 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it): the count above which
+    torch warns about DataLoader workers."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+
+_capped_told: set[tuple[int, int]] = set()
+
+
+def cap_workers(workers: int) -> int:
+    """dataset.workers, at most the usable CPUs: more workers than CPUs only compete for them
+    (torch warns), and items are seeded by index, not by worker, so the count changes no number."""
+    cpus = usable_cpus()
+    if workers <= cpus:
+        return workers
+    if (workers, cpus) not in _capped_told:
+        _capped_told.add((workers, cpus))
+        log.info("dataset.workers %d capped at %d, the CPUs this process may use", workers, cpus)
+    return cpus
+
+
 def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, stream: int = 0, shuffle: bool = True, drop_last: bool = True):
     """(DataLoader, DistributedSampler) with the seeding scheme described in the module doc."""
@@ -246,6 +277,7 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
     sampler = EpochTaggedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                  seed=int(seed), drop_last=False)
     dataset = SeededDataset(dataset, seed, stream)
+    workers = cap_workers(workers)
     gen = torch.Generator()
     gen.manual_seed(_stream_seed(seed, rank, stream))
     loader = DataLoader(
@@ -356,6 +388,7 @@ def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: in
     in size.
     """
 
+    workers = cap_workers(workers)
     sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
     return DataLoader(
         dataset,

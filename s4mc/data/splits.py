@@ -1,12 +1,13 @@
-"""Split lists: fetch the published ones, draw new ones, check them against a dataset.
+"""Split lists: verify (or fetch) the published ones, draw new ones, check them against a dataset.
 
-    python -m s4mc.data.splits fetch [--out data/splits] [--only pascal/92 ...]
+    python -m s4mc.data.splits fetch [--config C | --only pascal/92 ...] [--out data/splits] [--from DIR]
     python -m s4mc.data.splits make  --root DIR --image-dir images --mask-dir masks --num-labeled 50 --seed 0 --out DIR
     python -m s4mc.data.splits check --type pascal --root data/VOC2012 --list data/splits/pascal/92/labeled.txt
 
-`fetch` verifies every download against the SHA-256 sums in split_sums.json (computed
-from the lists the U2PL/S4MC papers used), because a split that silently changed
-upstream would make results incomparable with the published tables.
+The published lists ship in data/splits/ (data/splits/README.md). `fetch` checks files against
+the SHA-256 sums in split_sums.json (computed from the lists the U2PL/S4MC papers used) and
+downloads only what is missing or differs, because a split that silently changed would make
+results incomparable with the published tables.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from s4mc.errors import DataError
+from s4mc.config import load_config
+from s4mc.errors import DataError, S4MCError
 
 from .datasets import (DATASET_TYPES, IMAGE_EXTS, _check_root, _cityscapes_samples, _custom_samples, _voc_samples,
                        read_split)
 
 BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/splits/"
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")
+# Where the lists ship, and where the configs in experiments/ read them.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
 
 
 def split_sums() -> dict[str, dict]:
@@ -85,7 +89,7 @@ def fetch_splits(out_dir: str | os.PathLike = "data/splits", *, only: Iterable[s
         try:
             data = fetcher(url)
         except Exception as e:  # URLError, timeouts, HTTP errors, whatever a fetcher raises
-            raise DataError(f"could not download split file {rel} from {url}: {e}") from e
+            raise DataError(f"could not download split file {rel} from {url}: {e}\n{offline_routes(rel, url, dest)}") from e
         verify_split_bytes(rel, data, url=url, sums=sums)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
@@ -93,6 +97,52 @@ def fetch_splits(out_dir: str | os.PathLike = "data/splits", *, only: Iterable[s
         os.replace(tmp, dest)
         written.append(dest)
     return written
+
+
+def offline_routes(rel: str, url: str, dest: Path) -> str:
+    """How to place a split file by hand when the network is not there."""
+    shipped = SHIPPED_DIR / rel
+    return (
+        f"Without a network, put the file at {dest} by hand; fetch keeps any file whose SHA-256 matches "
+        f"s4mc/data/split_sums.json, so run it again afterwards to verify:\n"
+        f"  - from this repository, which ships every published list: {shipped} "
+        f"(git checkout -- data/splits restores it), or: fetch --from {SHIPPED_DIR} --out {dest.parents[len(Path(rel).parts) - 1]}\n"
+        f"  - from a clone of https://github.com/Haochen-Wang409/U2PL made elsewhere: fetch --from U2PL/data/splits\n"
+        f"  - or download {url} on a machine with internet access and copy it to {dest}")
+
+
+def local_fetcher(folder: str | os.PathLike, base_url: str = BASE_URL) -> Callable[[str], bytes]:
+    """A fetcher that reads `base_url`-relative files from a local folder (fetch --from)."""
+    folder = Path(folder)
+
+    def read(url: str) -> bytes:
+        path = folder / url[len(base_url):]
+        if not path.is_file():
+            raise DataError(f"{path} not found (fetch --from {folder})")
+        return path.read_bytes()
+
+    return read
+
+
+def config_split_files(cfg: dict, sums: dict | None = None) -> dict[Path, list[str]]:
+    """{folder: [relative names]} of the published lists a config reads (its labeled,
+    unlabeled and val lists), each folder being where the config expects them."""
+    sums = split_sums() if sums is None else sums
+    ds = cfg["dataset"]
+    paths = [ds["train"]["data_list"], ds["train"].get("unlabeled_list"), ds["val"]["data_list"]]
+    found: dict[Path, list[str]] = {}
+    unknown = []
+    for text in filter(None, paths):
+        path = Path(text)
+        rel = next((r for r in sums if path.as_posix().endswith("/" + r)), None)
+        if rel is None:
+            unknown.append(str(path))
+            continue
+        found.setdefault(Path(path.as_posix()[:-len(rel) - 1]), []).append(rel)
+    if not found:
+        raise DataError(f"{cfg.get('config_file') or 'the config'} reads no published split list ({', '.join(unknown)}); "
+                        f"draw your own with python -m s4mc.data.splits make")
+    return found
 
 
 def make_split(root: str | os.PathLike, *, num_labeled: int | None = None, labeled_fraction: float | None = None,
@@ -162,8 +212,18 @@ def check_split(dataset_type: str, root: str | os.PathLike, split: str | os.Path
 
 
 def _cmd_fetch(a) -> int:
-    files = fetch_splits(a.out, only=a.only, force=a.force)
-    print(f"{len(files)} split files verified in {a.out}")
+    fetcher = local_fetcher(a.from_dir) if a.from_dir else _urlopen_fetch
+    if a.config:
+        if a.only:
+            raise DataError("give --config or --only, not both")
+        targets = config_split_files(load_config(a.config))
+        if a.out is not None:  # --out moves the config's lists elsewhere
+            targets = {Path(a.out): sorted({rel for rels in targets.values() for rel in rels})}
+    else:
+        targets = {Path(a.out) if a.out is not None else SHIPPED_DIR: a.only}
+    for out, only in targets.items():
+        files = fetch_splits(out, only=only, force=a.force, fetcher=fetcher)
+        print(f"{len(files)} split files verified in {out}")
     return 0
 
 
@@ -193,18 +253,36 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Fetch, draw and check labeled/unlabeled split lists.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    f = sub.add_parser("fetch", help="download the U2PL/S4MC split lists and verify their SHA-256",
-                       description=f"Download the published split lists from {BASE_URL} and verify "
-                                   "each against the checksums kept in s4mc/data/split_sums.json.")
-    f.add_argument("--out", default="data/splits", help="destination folder (default: %(default)s)")
+    f = sub.add_parser("fetch", help="verify the shipped U2PL/S4MC split lists (download what is missing)",
+                       description="Check the published split lists against the SHA-256 sums kept in "
+                                   "s4mc/data/split_sums.json. They ship in data/splits/; a file that is missing "
+                                   f"or differs is downloaded from {BASE_URL} (or read from --from DIR) and "
+                                   "verified before it is written. Without --config or --only: every list.")
+    f.add_argument("--config", default=None,
+                   help="only the lists this config reads (its labeled, unlabeled and val lists), where it reads them")
+    f.add_argument("--out", default=None, help=f"destination folder (default: {SHIPPED_DIR}, or the config's)")
     f.add_argument("--only", nargs="*", metavar="PREFIX",
                    help="only these, e.g. pascal/92 cityscapes/186 pascal/val.txt (default: all)")
+    f.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                   help="take the files from a local folder instead of the network, e.g. a U2PL clone's data/splits")
     f.add_argument("--force", action="store_true", help="re-download files that are already present and valid")
     f.set_defaults(func=_cmd_fetch)
 
-    m = sub.add_parser("make", help="draw a new labeled/unlabeled split of a custom dataset",
-                       description="Draw labeled/unlabeled (and val) lists of image ids from a seed. "
-                                   "Only images with a mask can be labeled or val.")
+    m = sub.add_parser(
+        "make", help="draw a new labeled/unlabeled split from any folder of images and masks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw labeled/unlabeled (and val) lists of image ids from a seed, for any layout in which\n"
+                    "images and masks share their names, VOC's included: <root>/<image-dir>/<id>.<ext> and\n"
+                    "<root>/<mask-dir>/<id><mask-suffix> (ids may include subfolders). Only images with a mask\n"
+                    "can be labeled or val; the others all go to the unlabeled list. The lines are ids, which\n"
+                    "dataset.type custom and pascal both read.",
+        epilog="examples:\n"
+               "  custom data:  python -m s4mc.data.splits make --root data/custom --image-dir images --mask-dir masks "
+               "--num-labeled 50 --num-val 50 --out data/custom/splits\n"
+               "  VOC:          python -m s4mc.data.splits make --root data/VOC2012 --image-dir JPEGImages "
+               "--mask-dir SegmentationClassAug --image-suffix .jpg --num-labeled 200 --out data/splits/pascal_mine/200\n"
+               "(Cityscapes masks are named differently from their images (*_gtFine_labelTrainIds.png), so its "
+               "lists are not drawn by this command.)")
     m.add_argument("--root", required=True, help="dataset root")
     m.add_argument("--image-dir", default=None, help="image folder, relative to --root (default: the root)")
     m.add_argument("--mask-dir", default=None, help="mask folder, relative to --root")
@@ -234,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.func(a)
-    except DataError as e:
+    except S4MCError as e:  # DataError, or a ConfigError from fetch --config
         print(f"error: {e}", file=sys.stderr)
         return 2
 

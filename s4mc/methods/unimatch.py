@@ -72,6 +72,19 @@ class UniMatch:
         return (f"UniMatch ({'EMA teacher' if u['ema'] else 'single model'}), {selection}, two strong views "
                 f"(weight {u['weight_strong']:g} each), {fp}")
 
+    @classmethod
+    def console_loss_parts(cls, cfg: dict, values: dict) -> list[str] | None:
+        """The console's loss as the sum of what each branch adds to it: (L_x + w_s·L_s1 +
+        w_s·L_s2 + w_fp·L_fp) / 2, term by term, so the parts add up to the total shown.
+        None in the warm-up (the loss is L_x alone)."""
+        if "loss_s1" not in values:
+            return None
+        u = cfg["trainer"]["unimatch"]
+        weights = {"sup": 1.0, "s1": u["weight_strong"], "s2": u["weight_strong"], "fp": u["weight_fp"]}
+        shares = [f"{name} {weight * values[f'loss_{name}'] / 2:.4f}" for name, weight in weights.items()
+                  if f"loss_{name}" in values]
+        return [f"loss {values.get('loss', float('nan')):.4f} = " + " + ".join(shares)]
+
     def loss(self, state, labeled: dict, unlabeled: dict | None) -> StepLoss:
         img_x, mask_x = state.to_device(labeled["image"], image=True), state.to_device(labeled["label"])
         if unlabeled is None or state.epoch < self.sup_only_epoch:

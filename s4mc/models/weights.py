@@ -27,8 +27,11 @@ log = logging.getLogger("s4mc")
 U2PL_BACKBONE_HINT = (
     "U2PL's README (https://github.com/Haochen-Wang409/U2PL#getting-started) links the deep-stem "
     "ImageNet weights resnet101.pth (and resnet50.pth); download one and set net.encoder.pretrained "
-    "to its path. Alternatively set net.encoder.stem: torchvision and net.encoder.pretrained: "
-    "torchvision to start from torchvision's ImageNet weights."
+    "to its path. Or start from torchvision's ImageNet weights (downloaded once into torch's cache): "
+    "--opts net.encoder.stem=torchvision net.encoder.pretrained=torchvision. "
+    "To go on without ImageNet weights: --opts net.encoder.pretrained=null (random start: expect far "
+    "below the published mIoU), or --opts net.encoder.type=resnet50 net.encoder.pretrained=null "
+    "(a smaller encoder, quicker to train from scratch)."
 )
 
 # Top-level keys of a training checkpoint (docs/method.md: model_state, teacher_state, optimizer_state, ...).
@@ -219,8 +222,20 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
     log.info("loaded backbone weights from %s (%d tensors)", source, len(sd))
 
 
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Mapping[str, Any]:
+    """The dict a checkpoint file holds (weights-only load); CheckpointError naming the file otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {p}")
+    ckpt = load_tensor_file(p, map_location)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
+
+
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, which: str = "teacher", map_location: Any = "cpu"
+    model: nn.Module, path: str | os.PathLike, which: str = "teacher", map_location: Any = "cpu",
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a project/U2PL/S4MC checkpoint into ``model`` strictly (for eval or fine-tuning).
 
@@ -229,16 +244,13 @@ def load_checkpoint(
     takes the weights the run's own evaluation used (``evaluated_weights``, which this
     project's checkpoints record), else the teacher. A bare state dict is used as is.
     ``module.`` prefixes from DDP are stripped. Returns ``{"path", "state_key", "which",
-    "epoch", "best_miou"}`` (the last two ``None`` when absent).
+    "epoch", "best_miou"}`` (the last two ``None`` when absent). ``checkpoint``: the file's
+    dict when the caller has read it already (`read_checkpoint`), so a large file loads once.
     """
     if which not in (*_STATE_KEYS, "auto"):
         raise ValueError(f"which must be 'auto', 'teacher' or 'student', got {which!r}")
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint file not found: {p}")
-    ckpt = load_tensor_file(p, map_location)
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
+    ckpt = read_checkpoint(p, map_location) if checkpoint is None else checkpoint
     if which == "auto":
         which = ckpt.get("evaluated_weights") if ckpt.get("evaluated_weights") in _STATE_KEYS else "teacher"
     state_key = None
