@@ -154,13 +154,14 @@ def build_vit_model(net_cfg: Mapping[str, Any], enc_name: str, dec_name: str, nu
                           f"head reads ViT layers ({', '.join(VIT_ENCODERS)}), and a ViT encoder needs "
                           f"net.decoder.type: dpt")
     enc_cfg, dec_cfg = net_cfg.get("encoder") or {}, net_cfg.get("decoder") or {}
-    # Every loaded config carries the schema's ResNet/DeepLab kwargs; only changed ones are an error.
+    # Every loaded config carries the schema's ResNet/DeepLab kwargs; changed ones are named once, as
+    # ignored, so that a ResNet config switched to a ViT with --opts still runs.
     for key, block, defaults in (("net.encoder.kwargs", enc_cfg.get("kwargs"), SCHEMA["net"]["encoder"]["kwargs"]),
                                  ("net.decoder.kwargs", dec_cfg.get("kwargs"), SCHEMA["net"]["decoder"]["kwargs"])):
         changed = _non_default(block, defaults)
         if changed:
-            raise ConfigError(f"{key}: {changed} apply to the ResNet/DeepLabv3+ model, not to {enc_name} + dpt, whose "
-                              f"widths are fixed by the encoder size; remove them")
+            log.warning("%s: %s ignored: they shape the ResNet/DeepLabv3+ model; %s + dpt takes its widths from "
+                        "the encoder size", key, ", ".join(changed), enc_name)
     if net_cfg.get("aux_loss"):
         raise ConfigError("net.aux_loss: the DPT model has no auxiliary head; set net.aux_loss: null")
     encoder: DinoVisionTransformer = ENCODERS[enc_name]()
