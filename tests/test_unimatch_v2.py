@@ -5,6 +5,7 @@ and the tolerances used here); then the method on the toy and the VOC config fro
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -265,14 +266,17 @@ def test_s4mc_replaces_the_threshold_on_both_views(tmp_path, golden_step):
 
 
 # ----------------------------------------------------------------------------- the CLI
-V2_TOY = ["trainer.method=unimatch_v2", "net.encoder.type=vit_tiny", "net.decoder.type=dpt",
-          "net.encoder.pretrained=null", "net.ema_decay=0.996", "trainer.optimizer.type=adamw",
-          "trainer.optimizer.kwargs.lr=0.001", "trainer.optimizer.kwargs.weight_decay=0.01"]
+def variants_rows() -> dict:
+    spec = importlib.util.spec_from_file_location("variants", REPO / "benchmarks" / "variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.VARIANTS
 
 
-@pytest.mark.parametrize("refine", [False, True])
-def test_a_tiny_vit_trains_on_the_toy_from_the_cli(toy_root, tmp_path, capsys, refine):
-    opts = [*V2_TOY, f"trainer.unsupervised.refine={str(refine).lower()}", f"output_dir={tmp_path}",
+@pytest.mark.parametrize("row", ["unimatch_v2", "s4mc_unimatch_v2"])
+def test_a_tiny_vit_trains_on_the_toy_from_the_cli(toy_root, tmp_path, capsys, row):
+    refine = row.startswith("s4mc")
+    opts = [*variants_rows()[row], f"output_dir={tmp_path}",
             f"dataset.train.data_root={toy_root}", f"dataset.train.data_list={toy_root / 'splits/labeled.txt'}",
             f"dataset.train.unlabeled_list={toy_root / 'splits/unlabeled.txt'}",
             f"dataset.val.data_root={toy_root}", f"dataset.val.data_list={toy_root / 'splits/val.txt'}",
