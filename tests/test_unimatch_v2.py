@@ -329,3 +329,26 @@ def test_the_voc_config_with_official_layout_weights_runs_on_the_cpu(tmp_path, c
     assert "88.90 mIoU (UniMatch V2" in block
     assert f"loaded backbone weights from {tmp_path / 'dinov2_small.pth'} (175 tensors)" in out.out + out.err
     assert " iter 2/" in (tmp_path / "runs" / "voc" / "train.log").read_text()
+
+
+def test_the_configs_target_the_readme_numbers():
+    tables = {"pascal_unimatch_v2": ((92, 183, 366, 732, 1464), "UniMatch V2, VOC classic"),
+              "cityscapes_unimatch_v2": ((186, 372, 744, 1488), "UniMatch V2, Cityscapes")}
+    for family, (splits, label) in tables.items():
+        numbers = dict(zip(splits, _readme_row_any(label)))
+        assert numbers, label
+        for split in splits:
+            cfg = load_config(REPO / "experiments" / family / str(split) / "config.yaml")
+            assert cfg["recipe"]["published_miou"] == numbers[split], (family, split)
+            assert cfg["trainer"]["method"] == "unimatch_v2" and cfg["net"]["decoder"]["type"] == "dpt"
+            assert cfg["trainer"]["unsupervised"]["refine"] is False  # the published method; S4MC is the switch
+            assert cfg["trainer"]["optimizer"]["type"] == "adamw" and cfg["trainer"]["head_lr_mult"] == 40
+
+
+def _readme_row_any(label: str) -> list[float]:
+    """A README table row of numbers (any number of columns)."""
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label and all(re.fullmatch(r"[\d.]+", c) for c in cells[1:]):
+            return [float(c) for c in cells[1:]]
+    return []

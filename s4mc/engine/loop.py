@@ -397,7 +397,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                "best_miou": state.best_miou, "diagnostics": mean_diagnostics(state.history)}
     if last_result is not None:
         for mode, r in results.items():
-            log.info("final evaluation (%s, %s):\n%s", mode, "teacher" if state.semi_start is not None else "student",
+            weights = "teacher" if state.semi_start is not None and not mode.startswith("student_") else "student"
+            log.info("final evaluation (%s, %s):\n%s", mode, weights,
                      format_table(r, info.class_names))
         summary["final"] = last_result.to_json()  # the protocol that selected best.pth
         summary["final_also"] = {mode: r.to_json() for mode, r in also}
