@@ -275,8 +275,10 @@ def main(argv=None) -> int:
           f"   flipped")
     for n, r in rows.items():
         per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])
-        kept = f"{r['kept']:5.1f} ({r['kept_unrefined']:5.1f})" if "kept" in r else "      -      "
-        acc = f"{r['kept_accuracy']:5.1f} ({r['kept_accuracy_unrefined']:5.1f})" if "kept" in r else "      -"
+        # A fixed-threshold row (unimatch, unimatch_v2) logs the kept share only: its selection is unrefined.
+        kept = f"{r['kept']:5.1f} ({r.get('kept_unrefined', r['kept']):5.1f})" if "kept" in r else "      -      "
+        acc = (f"{r['kept_accuracy']:5.1f} ({r.get('kept_accuracy_unrefined', r['kept_accuracy']):5.1f})"
+               if "kept_accuracy" in r else "      -")
         same = f"{r['kept_accuracy_same_share']:5.1f}" if "kept_accuracy_same_share" in r else "  -"
         flipped = f"{r['flipped']:5.2f}" if "flipped" in r else "  -"
         print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}        {same}      {flipped}")
