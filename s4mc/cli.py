@@ -85,6 +85,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from s4mc.config import load_config  # imported here: see the module docstring
     from s4mc.engine.interrupt import TrainingInterrupted
     from s4mc.engine.loop import TrainingDiverged, train
+    from s4mc.models import check_pretrained_file
 
     try:
         overrides = list(args.opts)
@@ -93,6 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         name = args.name or default_run_name(args.config, cfg["seed"])
         prepare_toy_encoder(cfg)
+        check_pretrained_file(cfg["net"])
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
               argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite,
               debug_dump=args.debug_dump)

@@ -122,12 +122,15 @@ SCHEMA: dict = {
         "reference_batch": _k(16, int),
         "head_lr_mult": _k(None, *NUM, NONE),
         "optimizer": {
-            "type": _k("SGD", str, choices=("SGD",)),
+            # adamw: UniMatch V2's optimizer (set weight_decay: 0.01, its value); momentum and
+            # nesterov are SGD's, betas AdamW's.
+            "type": _k("SGD", str, choices=("SGD", "adamw")),
             "kwargs": {
                 "lr": _k(0.001, *NUM),
                 "momentum": _k(0.9, *NUM),
                 "weight_decay": _k(0.0001, *NUM),
                 "nesterov": _k(False, bool),
+                "betas": _k([0.9, 0.999], list),
             },
             "fused": _k("auto", str, bool, choices=("auto", True, False)),
         },
@@ -236,6 +239,7 @@ VALUE_ALIASES: dict[str, dict] = {
     # YAML 1.1 reads a bare `off` as false.
     "trainer.amp": {False: "off", None: "off"},
     "trainer.lr_scaling": {False: "none", None: "none"},
+    "trainer.optimizer.type": {"AdamW": "adamw", "sgd": "SGD"},
 }
 # Release keys that we accept and ignore, because they had no effect or are
 # implied elsewhere. A load lists those it met in one warning (better than a silent drop).
@@ -619,6 +623,9 @@ def _check_semantics(cfg: dict, where: str) -> None:
         fail("dataset.ignore_index", f"= {ds['ignore_index']} collides with a class id (< {net['num_classes']})")
     if tr["optimizer"]["kwargs"]["lr"] <= 0:
         fail("trainer.optimizer.kwargs.lr", "must be positive")
+    betas = tr["optimizer"]["kwargs"]["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        fail("trainer.optimizer.kwargs.betas", f"must be two numbers in [0, 1), got {betas}")
     recipe = cfg["recipe"]
     for part, size in recipe["global_batch"].items():
         if size is not None and size < 0:

@@ -139,16 +139,22 @@ def _set_epoch(loader, epoch: int) -> None:
 
 def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) -> dict:
     """Evaluate the teacher once the semi phase has begun, the student before (docs/method.md step 12).
+    A method with `evaluates_student = True` (UniMatch V2) has the student evaluated too, as
+    `student_<mode>` after the teacher's results.
 
     Returns {mode: result} for each of `training_protocols(cfg)`; the first selects best.pth.
     With several processes and no SyncBN, the model evaluated holds the ranks' mean BN
     statistics, the same model a checkpoint saves (see `rank_averaged_buffers`).
     """
-    model = state.teacher if semi and state.semi_start is not None else state.student_module
+    teacher = semi and state.semi_start is not None
+    models = {"": state.teacher if teacher else state.student_module}
+    if teacher and getattr(state.method, "evaluates_student", False):
+        models["student_"] = state.student_module  # logged beside the teacher's, which selects best.pth
     with rank_averaged_buffers(state.student_module, state.teacher):
-        return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
-                                          prior=state.prior, distributed=state.dist.distributed, mode=mode)
-                for mode in training_protocols(cfg)}
+        return {prefix + mode: evaluate_configured(model, val_loader, cfg, device=state.device,
+                                                   amp_dtype=state.amp_dtype, prior=state.prior,
+                                                   distributed=state.dist.distributed, mode=mode)
+                for prefix, model in models.items() for mode in training_protocols(cfg)}
 
 
 def _refuse_to_overwrite(run_dir: Path, existing: list[str]) -> S4MCError:
@@ -403,7 +409,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                "best_miou": state.best_miou, "diagnostics": mean_diagnostics(state.history)}
     if last_result is not None:
         for mode, r in results.items():
-            log.info("final evaluation (%s, %s):\n%s", mode, "teacher" if state.semi_start is not None else "student",
+            weights = "teacher" if state.semi_start is not None and not mode.startswith("student_") else "student"
+            log.info("final evaluation (%s, %s):\n%s", mode, weights,
                      format_table(r, info.class_names))
         summary["selected_by"] = selecting  # the protocol of best_miou and "final"; the run header's first
         summary["final"] = last_result.to_json()  # the protocol that selected best.pth

@@ -1,7 +1,10 @@
-"""DeepLabv3+ on dilated ResNets in U2PL's checkpoint layout (encoder / decoder / auxor)."""
+"""DeepLabv3+ on dilated ResNets in U2PL's checkpoint layout (encoder / decoder / auxor), and DINOv2 + DPT
+(UniMatch V2) in the same encoder / decoder wrapper."""
 
 from .deeplabv3plus import ASPP, AuxHead, DeepLabV3PlusDecoder, SegmentationModel
-from .registry import DECODERS, ENCODERS, build_model, resolve
+from .dpt import DPTHead, ViTSegmentationModel, draw_comp_drop_mask
+from .registry import DECODERS, ENCODERS, build_model, check_pretrained_file, resolve
+from .vit import DinoVisionTransformer
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet_tiny
 from .weights import check_state_dict, load_backbone, load_checkpoint, maybe_sync_bn, torchvision_to_encoder
 
@@ -10,12 +13,16 @@ __all__ = [
     "AuxHead",
     "Bottleneck",
     "DECODERS",
+    "DPTHead",
+    "DinoVisionTransformer",
     "DeepLabV3PlusDecoder",
     "ENCODERS",
     "ResNet",
     "SegmentationModel",
     "build_model",
+    "check_pretrained_file",
     "check_state_dict",
+    "draw_comp_drop_mask",
     "load_backbone",
     "load_checkpoint",
     "maybe_sync_bn",
@@ -24,4 +31,5 @@ __all__ = [
     "resnet_tiny",
     "resolve",
     "torchvision_to_encoder",
+    "ViTSegmentationModel",
 ]

@@ -209,7 +209,7 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {p}. {U2PL_BACKBONE_HINT}")
+            raise missing_backbone_file(p, getattr(encoder, "weights_hint", U2PL_BACKBONE_HINT))
         sd = load_tensor_file(p, "cpu")
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
@@ -231,6 +231,21 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Mappi
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
     return ckpt
+
+
+def missing_backbone_file(path: Path, hint: str) -> CheckpointError:
+    return CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {path}. {hint}")
+
+
+def check_backbone_file(net_cfg: Mapping[str, Any], hint: str | None = None) -> None:
+    """Fail before anything else is built when `net.encoder.pretrained` names a file that is not
+    there: the same error `load_backbone` would raise after the data loaders were set up."""
+    pretrained = (net_cfg.get("encoder") or {}).get("pretrained")
+    if not pretrained or pretrained in ("torchvision", TOY_ENCODER_NAME):
+        return
+    p = Path(pretrained).expanduser()
+    if not p.is_file():
+        raise missing_backbone_file(p, hint or U2PL_BACKBONE_HINT)
 
 
 def load_checkpoint(
