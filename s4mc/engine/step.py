@@ -33,7 +33,10 @@ def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
     `state.iteration` counts optimizer steps. Metrics are the micro-batches' mean.
     """
     n = len(micro_batches)
-    lr = set_lr(state.optimizer, state.iteration, state.max_iters, cfg["trainer"]["lr_scheduler"]["kwargs"]["power"])
+    # A method that sets the LR after the step, as UniMatch does, steps iteration k with lr(k - 1)
+    # (docs/method.md, "UniMatch release-exact", item 6).
+    lr_at = max(state.iteration - 1, 0) if getattr(state.method, "lr_after_step", False) else state.iteration
+    lr = set_lr(state.optimizer, lr_at, state.max_iters, cfg["trainer"]["lr_scheduler"]["kwargs"]["power"])
     state.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     update_teacher = False

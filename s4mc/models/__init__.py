@@ -1,9 +1,11 @@
 """DeepLabv3+ on dilated ResNets in U2PL's checkpoint layout (encoder / decoder / auxor)."""
 
 from .deeplabv3plus import ASPP, AuxHead, DeepLabV3PlusDecoder, SegmentationModel
+from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .registry import DECODERS, ENCODERS, build_model, resolve
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet_tiny
-from .weights import check_state_dict, load_backbone, load_checkpoint, maybe_sync_bn, torchvision_to_encoder
+from .weights import (check_state_dict, from_unimatch_layout, load_backbone, load_checkpoint, maybe_sync_bn,
+                      to_unimatch_layout, torchvision_to_encoder)
 
 __all__ = [
     "ASPP",
@@ -14,8 +16,10 @@ __all__ = [
     "ENCODERS",
     "ResNet",
     "SegmentationModel",
+    "UniMatchDeepLabV3PlusDecoder",
     "build_model",
     "check_state_dict",
+    "from_unimatch_layout",
     "load_backbone",
     "load_checkpoint",
     "maybe_sync_bn",
@@ -23,5 +27,6 @@ __all__ = [
     "resnet50",
     "resnet_tiny",
     "resolve",
+    "to_unimatch_layout",
     "torchvision_to_encoder",
 ]

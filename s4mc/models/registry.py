@@ -17,6 +17,7 @@ from torch import nn
 from s4mc.errors import ConfigError
 
 from .deeplabv3plus import AuxHead, DeepLabV3PlusDecoder, SegmentationModel
+from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .resnet import ResNet, resnet50, resnet101, resnet_tiny
 from .weights import TOY_ENCODER_NAME, load_backbone, toy_encoder_file
 
@@ -27,7 +28,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet101": resnet101,
     "resnet_tiny": resnet_tiny,
 }
-DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder}
+DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder,
+                                                 "deeplabv3_plus_unimatch": UniMatchDeepLabV3PlusDecoder}
 # Release class names that differ from ours (after taking the last dotted component).
 _ALIASES = {"dec_deeplabv3_plus": "deeplabv3_plus"}
 
