@@ -417,3 +417,29 @@ def test_pascal_unimatch_366_loads_a_unimatch_checkpoint_strictly(tmp_path, one_
     torch.save({"model": theirs}, tmp_path / "broken.pth")
     with pytest.raises(Exception, match="decoder.head.b4.gap.1.weight"):
         load_checkpoint(fresh, tmp_path / "broken.pth")
+
+
+def test_unimatch_split_fetch_refuses_unverified_lists_unless_told(tmp_path):
+    from s4mc.data.splits import UNIMATCH_COMMIT, fetch_unimatch_splits
+    from s4mc.errors import DataError
+
+    served = {}
+
+    def fetcher(url):
+        served[url] = True
+        if "cityscapes" in url:
+            return b"leftImg8bit/train/a/x_leftImg8bit.png gtFine/train/a/x_gtFine_labelTrainIds.png\n"
+        return b"JPEGImages/2008_004112.jpg SegmentationClass/2008_004112.png\nJPEGImages/2010_005028.jpg SegmentationClass/2010_005028.png\n"
+
+    with pytest.raises(DataError, match="no known checksums.*--unverified"):
+        fetch_unimatch_splits(tmp_path, only=["pascal/366"], fetcher=fetcher)
+    assert not served and not any(tmp_path.iterdir())
+    files = fetch_unimatch_splits(tmp_path, only=["pascal/662", "cityscapes/186/labeled.txt"], unverified=True,
+                                  fetcher=fetcher)
+    assert sorted(str(f.relative_to(tmp_path)) for f in files) == [
+        "cityscapes/186/labeled.txt", "pascal/662/labeled.txt", "pascal/662/unlabeled.txt"]
+    # UniMatch names the blended protocols by fraction, at the pinned commit.
+    assert f"https://raw.githubusercontent.com/LiheYoung/UniMatch/{UNIMATCH_COMMIT}/splits/pascal/1_16/labeled.txt" in served
+    assert (tmp_path / "pascal/662/labeled.txt").read_text() == "2008_004112\n2010_005028\n"
+    assert (tmp_path / "cityscapes/186/labeled.txt").read_text() == "leftImg8bit/train/a/x_leftImg8bit.png\n"
+    assert len((tmp_path / "SHA256SUMS.unverified").read_text().splitlines()) == 3
