@@ -179,6 +179,8 @@ SCHEMA: dict = {
                 "fpn": _k(True, bool),
                 "replace_stride_with_dilation": _k([False, True, True], list),
                 "width": _k(64, int),
+                # The stem max-pool's rounding; null: the stem's own (deep: true, torchvision: false).
+                "ceil_mode": _k(None, bool, NONE),
             },
         },
         "decoder": {
@@ -607,6 +609,9 @@ def _check_semantics(cfg: dict, where: str) -> None:
     for name, block in terms.items():
         if TERMS[name].check is not None:
             TERMS[name].check(block, lambda key, msg, name=name: fail(f"trainer.terms.{name}.{key}", msg))
+    method_check = getattr(METHODS[tr["method"]], "check_config", None)
+    if method_check is not None:  # checks that span the method's block and others (s4mc/methods/base.py)
+        method_check(cfg, fail)
     for key in ("mean", "std"):
         if len(ds[key]) != 3:
             fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")

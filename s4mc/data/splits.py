@@ -1,6 +1,7 @@
 """Split lists: verify (or fetch) the published ones, draw new ones, check them against a dataset.
 
     python -m s4mc.data.splits fetch [--config C | --only pascal/92 ...] [--out data/splits] [--from DIR]
+    python -m s4mc.data.splits fetch --source unimatch --unverified   # UniMatch's own lists, no checksums
     python -m s4mc.data.splits make  --root DIR --image-dir images --mask-dir masks --num-labeled 50 --seed 0 --out DIR
     python -m s4mc.data.splits check --type pascal --root data/VOC2012 --list data/splits/pascal/92/labeled.txt
 
@@ -33,6 +34,24 @@ BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/spl
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")
 # Where the lists ship, and where the configs in experiments/ read them.
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
+
+# UniMatch's own lists, at the commit its golden data was measured from (tests/data/unimatch_v1).
+# Their checksums are not known here: the machine this was written on could not reach GitHub, so
+# `fetch --source unimatch` writes them only when told they are unverified (data/README.md).
+UNIMATCH_COMMIT = "0324f3dd4a22128105a5eb135d2586c0bb3cc647"
+UNIMATCH_URL = f"https://raw.githubusercontent.com/LiheYoung/UniMatch/{UNIMATCH_COMMIT}/splits/"
+# Our name -> UniMatch's path below splits/ (it names the blended and Cityscapes protocols by fraction).
+_UNIMATCH_PROTOCOLS = {
+    **{f"pascal/{n}": f"pascal/{n}" for n in (92, 183, 366, 732, 1464)},
+    "pascal/662": "pascal/1_16", "pascal/1323": "pascal/1_8", "pascal/2646": "pascal/1_4", "pascal/5291": "pascal/1_2",
+    "cityscapes/186": "cityscapes/1_16", "cityscapes/372": "cityscapes/1_8", "cityscapes/744": "cityscapes/1_4",
+    "cityscapes/1488": "cityscapes/1_2",
+}
+UNIMATCH_SPLITS = {
+    **{f"{ours}/{part}.txt": f"{theirs}/{part}.txt" for ours, theirs in _UNIMATCH_PROTOCOLS.items()
+       for part in ("labeled", "unlabeled")},
+    "pascal/val.txt": "pascal/val.txt", "cityscapes/val.txt": "cityscapes/val.txt",
+}
 
 
 def split_sums() -> dict[str, dict]:
@@ -145,6 +164,48 @@ def config_split_files(cfg: dict, sums: dict | None = None) -> dict[Path, list[s
     return found
 
 
+def unimatch_line(rel: str, line: str) -> str:
+    """One of UniMatch's lines ("<image path> <mask path>") in this package's form: the VOC id, or
+    Cityscapes' leftImg8bit path."""
+    image = line.split()[0]
+    return Path(image).stem if rel.startswith("pascal/") else image
+
+
+def fetch_unimatch_splits(out_dir: str | os.PathLike = "data/splits_unimatch", *, only: Iterable[str] | None = None,
+                          unverified: bool = False, fetcher: Callable[[str], bytes] = _urlopen_fetch) -> list[Path]:
+    """UniMatch's split lists at `UNIMATCH_COMMIT`, converted to this package's line form.
+
+    No checksum of these lists is known, so nothing is written unless `unverified` is true; then
+    each list is written with the sha256 of the downloaded file in `SHA256SUMS.unverified` beside
+    the lists, to be checked against another copy before the sums join split_sums.json.
+    """
+    prefixes = [p.strip("/") for p in only] if only else None
+    chosen = [rel for rel in sorted(UNIMATCH_SPLITS)
+              if prefixes is None or any(rel == p or rel.startswith(p + "/") for p in prefixes)]
+    if not chosen:
+        raise DataError(f"no UniMatch split file matches {list(only or [])}; known: {sorted(UNIMATCH_SPLITS)}")
+    if not unverified:
+        raise DataError(
+            f"UniMatch's split lists ({UNIMATCH_URL}) have no known checksums in this repository, so they cannot "
+            "be verified; rerun with --unverified to fetch them anyway (their sha256 are written beside them)")
+    out = Path(out_dir)
+    written, sums = [], []
+    for rel in chosen:
+        url = UNIMATCH_URL + UNIMATCH_SPLITS[rel]
+        try:
+            data = fetcher(url)
+        except Exception as e:  # URLError, timeouts, HTTP errors, whatever a fetcher raises
+            raise DataError(f"could not download split file {rel} from {url}: {e}") from e
+        lines = [unimatch_line(rel, ln) for ln in data.decode("utf-8").splitlines() if ln.strip()]
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("\n".join(lines) + "\n")
+        sums.append(f"{sha256_bytes(data)}  {UNIMATCH_SPLITS[rel]}  ({len(lines)} lines, from {url})")
+        written.append(dest)
+    (out / "SHA256SUMS.unverified").write_text("\n".join(sums) + "\n")
+    return written
+
+
 def make_split(root: str | os.PathLike, *, num_labeled: int | None = None, labeled_fraction: float | None = None,
                num_val: int = 0, seed: int = 0, image_dir: str | None = None, mask_dir: str | None = None,
                image_suffix: str | None = None, mask_suffix: str = ".png",
@@ -212,6 +273,11 @@ def check_split(dataset_type: str, root: str | os.PathLike, split: str | os.Path
 
 
 def _cmd_fetch(a) -> int:
+    if a.source == "unimatch":
+        out = a.out or "data/splits_unimatch"
+        files = fetch_unimatch_splits(out, only=a.only, unverified=a.unverified)
+        print(f"{len(files)} UniMatch split files written to {out}, UNVERIFIED (sha256 in {out}/SHA256SUMS.unverified)")
+        return 0
     fetcher = local_fetcher(a.from_dir) if a.from_dir else _urlopen_fetch
     if a.config:
         if a.only:
@@ -261,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--config", default=None,
                    help="only the lists this config reads (its labeled, unlabeled and val lists), where it reads them")
     f.add_argument("--out", default=None, help=f"destination folder (default: {SHIPPED_DIR}, or the config's)")
+    f.add_argument("--source", choices=("u2pl", "unimatch"), default="u2pl",
+                   help="u2pl: U2PL/S4MC's lists, verified (default); unimatch: UniMatch's own, at commit "
+                        f"{UNIMATCH_COMMIT[:7]}, with no known checksums (needs --unverified; written to "
+                        "data/splits_unimatch unless --out)")
+    f.add_argument("--unverified", action="store_true",
+                   help="with --source unimatch: write the lists although no checksum can verify them")
     f.add_argument("--only", nargs="*", metavar="PREFIX",
                    help="only these, e.g. pascal/92 cityscapes/186 pascal/val.txt (default: all)")
     f.add_argument("--from", dest="from_dir", default=None, metavar="DIR",

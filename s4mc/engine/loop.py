@@ -20,7 +20,7 @@ from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distribute
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.data import build_train_loaders, build_val_dataset, build_val_loader, dataset_info
 from s4mc.data.priors import resolve_prior
-from s4mc.engine.batches import build_partner_loader, epoch_batches
+from s4mc.engine.batches import build_partner_loader, epoch_batches, loader_options
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
@@ -200,7 +200,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     sup_only = tr["mode"] == "sup"
     check_batch_norm_batch(cfg, dist)
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
-                                  labeled_only=sup_only, strong_views=method_class(cfg).strong_views(cfg))
+                                  labeled_only=sup_only, **loader_options(cfg))
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
     partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
     main_loader = labeled_loader if sup_only else unlabeled_loader

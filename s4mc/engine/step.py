@@ -33,8 +33,9 @@ def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
     `state.iteration` counts optimizer steps. Metrics are the micro-batches' mean.
     """
     n = len(micro_batches)
-    # A method may step with the LR of the previous iteration's point on the poly curve, as
-    # UniMatch V2 sets the LR after its optimizer step (its `lr_lag = 1`).
+    # A method may step with the LR of the previous iteration's point on the poly curve, as UniMatch
+    # and UniMatch V2 set the LR after their optimizer step (`lr_lag = 1`; docs/method.md, "UniMatch
+    # release-exact", item 6).
     lag = getattr(state.method, "lr_lag", 0)
     lr = set_lr(state.optimizer, max(state.iteration - lag, 0), state.max_iters,
                 cfg["trainer"]["lr_scheduler"]["kwargs"]["power"])

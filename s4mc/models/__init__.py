@@ -2,11 +2,13 @@
 (UniMatch V2) in the same encoder / decoder wrapper."""
 
 from .deeplabv3plus import ASPP, AuxHead, DeepLabV3PlusDecoder, SegmentationModel
+from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .dpt import DPTHead, ViTSegmentationModel, draw_comp_drop_mask
 from .registry import DECODERS, ENCODERS, build_model, check_pretrained_file, resolve
 from .vit import DinoVisionTransformer
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet_tiny
-from .weights import check_state_dict, load_backbone, load_checkpoint, maybe_sync_bn, torchvision_to_encoder
+from .weights import (check_state_dict, from_unimatch_layout, load_backbone, load_checkpoint, maybe_sync_bn,
+                      to_unimatch_layout, torchvision_to_encoder)
 
 __all__ = [
     "ASPP",
@@ -19,10 +21,12 @@ __all__ = [
     "ENCODERS",
     "ResNet",
     "SegmentationModel",
+    "UniMatchDeepLabV3PlusDecoder",
     "build_model",
     "check_pretrained_file",
     "check_state_dict",
     "draw_comp_drop_mask",
+    "from_unimatch_layout",
     "load_backbone",
     "load_checkpoint",
     "maybe_sync_bn",
@@ -30,6 +34,7 @@ __all__ = [
     "resnet50",
     "resnet_tiny",
     "resolve",
+    "to_unimatch_layout",
     "torchvision_to_encoder",
     "ViTSegmentationModel",
 ]

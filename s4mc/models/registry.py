@@ -19,6 +19,7 @@ from s4mc.errors import ConfigError
 
 from .deeplabv3plus import AuxHead, DeepLabV3PlusDecoder, SegmentationModel
 from .dpt import DPTHead, ViTSegmentationModel
+from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .resnet import ResNet, resnet50, resnet101, resnet_tiny
 from .vit import DINOV2_WEIGHTS_HINT, SIZES, DinoVisionTransformer, dinov2_base, dinov2_large, dinov2_small, vit_tiny
 from .weights import TOY_ENCODER_NAME, check_backbone_file, load_backbone, toy_encoder_file
@@ -34,7 +35,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "dinov2_large": dinov2_large,
     "vit_tiny": vit_tiny,
 }
-DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder, "dpt": DPTHead}
+DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder, "dpt": DPTHead,
+                                                 "deeplabv3_plus_unimatch": UniMatchDeepLabV3PlusDecoder}
 VIT_ENCODERS = ("dinov2_small", "dinov2_base", "dinov2_large", "vit_tiny")
 # Release class names that differ from ours (after taking the last dotted component).
 _ALIASES = {"dec_deeplabv3_plus": "deeplabv3_plus"}
