@@ -129,7 +129,8 @@ def resolve_prior(spec, num_classes, dataset_type):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"neighbour_prior {str(spec)!r} is neither 'auto', 'none', a table name "
-                              f"({', '.join(PRIORS)}) nor an existing JSON file")
+                              f"({', '.join(PRIORS)}) nor an existing JSON file; measure one from the labeled "
+                              f"split with python -m s4mc.data.priors --config CONFIG --out {spec}")
         values, source = _from_file(path, dataset_type), f"file {str(path)!r}"
     else:
         values = spec
