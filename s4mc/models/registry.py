@@ -19,6 +19,7 @@ from s4mc.errors import ConfigError
 from .deeplabv3plus import AuxHead, DeepLabV3PlusDecoder, SegmentationModel
 from .resnet import ResNet, resnet50, resnet101, resnet_tiny
 from .weights import TOY_ENCODER_NAME, load_backbone, toy_encoder_file
+from .xception import xception65
 
 log = logging.getLogger("s4mc")
 
@@ -26,6 +27,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet_tiny": resnet_tiny,
+    "xception65": xception65,
 }
 DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder}
 # Release class names that differ from ours (after taking the last dotted component).
@@ -109,6 +111,9 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     auxor = None
     aux_cfg = net_cfg.get("aux_loss")
     if aux_cfg:
+        if len(encoder.out_channels) < 3:
+            raise ConfigError(f"net.aux_loss: the {enc_name} encoder has no layer3 output for an aux head; "
+                              "set net.aux_loss: null")
         aux_in = encoder.out_channels[2]
         declared = aux_cfg.get("aux_plane") if isinstance(aux_cfg, Mapping) else None
         if declared is not None and declared != aux_in:
