@@ -2,7 +2,7 @@
 published tables, how a config names one (`resolve_prior`), and measuring one on labeled masks.
 
 The tables are the numbers published with the original S4MC release (index = class id;
-Cityscapes uses trainIds). Measure one for other data with:
+Cityscapes uses trainIds); none is published for COCO or ADE20K. Measure one for other data with:
 
     python -m s4mc.data.priors --type pascal --root data/VOC2012 \
         --list data/splits/pascal/92/labeled.txt --num-classes 21 --out priors_voc92.json
