@@ -44,7 +44,7 @@ SCHEMA: dict = {
     "output_dir": _k("runs", str, path=True),
     "path_base": _k("auto", str, choices=("auto", "repo", "config")),
     "dataset": {
-        "type": _k(REQUIRED, str, choices=("pascal", "cityscapes", "custom", "toy")),
+        "type": _k(REQUIRED, str, choices=("pascal", "cityscapes", "custom", "toy", "coco", "ade20k")),
         "ignore_index": _k(255, int),
         "mean": _k([123.675, 116.28, 103.53], list),
         "std": _k([58.395, 57.12, 57.375], list),

@@ -6,7 +6,7 @@ Public API:
     build_val_dataset(cfg) -> SegmentationDataset
     build_val_loader(dataset, *, rank=0, world_size=1, workers=2, batch_size=1) -> DataLoader
     dataset_info(cfg) -> DatasetInfo(num_classes, class_names, palette, ignore_index)
-CLIs: python -m s4mc.data.splits {fetch,make,check}, python -m s4mc.data.priors,
+CLIs: python -m s4mc.data.splits {fetch,make,check}, python -m s4mc.data.priors, python -m s4mc.data.coco,
       python -m s4mc.data.toy
 """
 

@@ -27,8 +27,8 @@ import numpy as np
 from s4mc.config import load_config
 from s4mc.errors import DataError, S4MCError
 
-from .datasets import (DATASET_TYPES, IMAGE_EXTS, _check_root, _cityscapes_samples, _custom_samples, _voc_samples,
-                       read_split)
+from .datasets import (DATASET_TYPES, IMAGE_EXTS, _check_root, _cityscapes_samples, _custom_samples, _paired_samples,
+                       _voc_samples, read_split)
 
 BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/splits/"
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")
@@ -52,6 +52,30 @@ UNIMATCH_SPLITS = {
        for part in ("labeled", "unlabeled")},
     "pascal/val.txt": "pascal/val.txt", "cityscapes/val.txt": "cityscapes/val.txt",
 }
+
+
+# Published lists this project knows the source of but holds no verified checksums for (they could
+# not be downloaded where the project was built): `fetch` refuses them and says how to place them by
+# hand. Our folder name (the number of labeled images) <- the source's folder name.
+MANUAL_SPLITS = {
+    "coco": {
+        "source": "https://github.com/LiheYoung/UniMatch/tree/main/splits/coco",
+        "folders": {"232": "1_512", "463": "1_256", "925": "1_128", "1849": "1_64", "3697": "1_32"},
+    },
+    "ade20k": {
+        "source": "https://github.com/LiheYoung/UniMatch-V2/tree/main/splits/ade20k",
+        "folders": {"316": "1_64", "631": "1_32", "1263": "1_16", "2526": "1_8"},
+    },
+}
+
+
+def manual_split_message(name: str, out_dir: str | os.PathLike = "data/splits") -> str:
+    spec = MANUAL_SPLITS[name]
+    pairs = ", ".join(f"{src}/ -> {name}/{ours}/" for ours, src in spec["folders"].items())
+    return (f"the {name} split lists have no verified checksums in this project, so fetch does not download "
+            f"them. Place them by hand: from {spec['source']} copy each folder's labeled.txt and unlabeled.txt "
+            f"to {Path(out_dir) / name}/<labeled count>/ ({pairs}) and val.txt to {Path(out_dir) / name}/val.txt "
+            f"(data/README.md, \"Split lists\")")
 
 
 def split_sums() -> dict[str, dict]:
@@ -93,6 +117,9 @@ def fetch_splits(out_dir: str | os.PathLike = "data/splits", *, only: Iterable[s
     """
     sums = split_sums() if sums is None else sums
     prefixes = [p.strip("/") for p in only] if only else None
+    for p in prefixes or []:
+        if p.split("/")[0] in MANUAL_SPLITS:
+            raise DataError(manual_split_message(p.split("/")[0], out_dir))
     chosen = [rel for rel in sorted(sums)
               if prefixes is None or any(rel == p or rel.startswith(p + "/") for p in prefixes)]
     if not chosen:
@@ -262,6 +289,8 @@ def check_split(dataset_type: str, root: str | os.PathLike, split: str | os.Path
         samples = _voc_samples(r, lines, ".jpg" if dataset_type == "pascal" else ".png", Path(split))
     elif dataset_type == "cityscapes":
         samples = _cityscapes_samples(r, lines, Path(split))
+    elif dataset_type in ("coco", "ade20k"):
+        samples = _paired_samples(r, lines, Path(split), dataset_type)
     elif dataset_type == "custom":
         samples = _custom_samples(r, lines, Path(split), custom.get("image_dir"), custom.get("mask_dir"),
                                   custom.get("image_suffix"), custom.get("mask_suffix", ".png"))

@@ -1,5 +1,5 @@
-"""DeepLabv3+ on dilated ResNets in U2PL's checkpoint layout (encoder / decoder / auxor), and DINOv2 + DPT
-(UniMatch V2) in the same encoder / decoder wrapper."""
+"""The segmentation models, as encoder / decoder / auxor: DeepLabv3+ on dilated ResNets (U2PL's checkpoint
+layout) or Xception-65 (UniMatch's), UniMatch's DeepLabv3+, and DINOv2 + DPT (UniMatch V2)."""
 
 from .deeplabv3plus import ASPP, AuxHead, DeepLabV3PlusDecoder, SegmentationModel
 from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
@@ -9,6 +9,7 @@ from .vit import DinoVisionTransformer
 from .resnet import Bottleneck, ResNet, resnet50, resnet101, resnet_tiny
 from .weights import (check_state_dict, from_unimatch_layout, load_backbone, load_checkpoint, maybe_sync_bn,
                       to_unimatch_layout, torchvision_to_encoder)
+from .xception import Xception65, xception65
 
 __all__ = [
     "ASPP",
@@ -22,6 +23,7 @@ __all__ = [
     "ResNet",
     "SegmentationModel",
     "UniMatchDeepLabV3PlusDecoder",
+    "Xception65",
     "build_model",
     "check_pretrained_file",
     "check_state_dict",
@@ -37,4 +39,5 @@ __all__ = [
     "to_unimatch_layout",
     "torchvision_to_encoder",
     "ViTSegmentationModel",
+    "xception65",
 ]

@@ -23,6 +23,7 @@ from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .resnet import ResNet, resnet50, resnet101, resnet_tiny
 from .vit import DINOV2_WEIGHTS_HINT, SIZES, DinoVisionTransformer, dinov2_base, dinov2_large, dinov2_small, vit_tiny
 from .weights import TOY_ENCODER_NAME, check_backbone_file, load_backbone, toy_encoder_file
+from .xception import PRETRAINED_HINT as XCEPTION_WEIGHTS_HINT, xception65
 
 log = logging.getLogger("s4mc")
 
@@ -34,6 +35,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "dinov2_base": dinov2_base,
     "dinov2_large": dinov2_large,
     "vit_tiny": vit_tiny,
+    "xception65": xception65,
 }
 DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder, "dpt": DPTHead,
                                                  "deeplabv3_plus_unimatch": UniMatchDeepLabV3PlusDecoder}
@@ -122,6 +124,9 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     auxor = None
     aux_cfg = net_cfg.get("aux_loss")
     if aux_cfg:
+        if len(encoder.out_channels) < 3:
+            raise ConfigError(f"net.aux_loss: the {enc_name} encoder has no layer3 output for an aux head; "
+                              "set net.aux_loss: null")
         aux_in = encoder.out_channels[2]
         declared = aux_cfg.get("aux_plane") if isinstance(aux_cfg, Mapping) else None
         if declared is not None and declared != aux_in:
@@ -140,7 +145,8 @@ def check_pretrained_file(net_cfg: Mapping[str, Any]) -> None:
     """One error naming a missing `net.encoder.pretrained` file and where to get it, before any
     data or model is built (train_semi.py calls it first)."""
     name, _ = resolve((net_cfg.get("encoder") or {}).get("type", "resnet101"), ENCODERS, "net.encoder.type")
-    check_backbone_file(net_cfg, DINOV2_WEIGHTS_HINT if name in VIT_ENCODERS else None)
+    hints = {"xception65": XCEPTION_WEIGHTS_HINT, **{vit: DINOV2_WEIGHTS_HINT for vit in VIT_ENCODERS}}
+    check_backbone_file(net_cfg, hints.get(name))
 
 
 def _non_default(block: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> list[str]:

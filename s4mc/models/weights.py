@@ -183,6 +183,9 @@ def torchvision_to_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _torchvision_weights(encoder: nn.Module):
+    if not hasattr(encoder, "layer1"):
+        raise CheckpointError(f"net.encoder.pretrained: torchvision has ImageNet weights for resnet50/resnet101 only, "
+                              f"not for a {type(encoder).__name__} encoder")
     import torchvision.models as tvm  # local import: only this path needs torchvision
 
     depth = tuple(len(getattr(encoder, f"layer{i}")) for i in range(1, 5))
@@ -240,7 +243,8 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise missing_backbone_file(p, getattr(encoder, "weights_hint", U2PL_BACKBONE_HINT))
+            hint = getattr(encoder, "weights_hint", U2PL_BACKBONE_HINT)
+            raise missing_backbone_file(p, hint)
         sd = load_tensor_file(p, "cpu")
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
@@ -248,6 +252,9 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
             raise CheckpointError(f"backbone file {p} holds a {type(sd).__name__}, not a state dict")
         source = str(p)
     sd = torchvision_to_encoder(_strip_prefix(sd, "module."))
+    adapt = getattr(encoder, "adapt_pretrained", None)
+    if adapt is not None:  # an encoder whose release file needs its own key handling (models/xception.py)
+        sd = adapt(sd)
     check_state_dict(encoder, sd, source, "backbone weights")
     encoder.load_state_dict(sd, strict=True)
     log.info("loaded backbone weights from %s (%d tensors)", source, len(sd))
