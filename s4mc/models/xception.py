@@ -170,14 +170,17 @@ def _output_stride(flags: Sequence[bool]) -> int:
 
 def xception65(*, replace_stride_with_dilation: Sequence[bool] = (False, False, True), width: int = 64,
                stem: str = "deep", multi_grid: bool = False, zero_init_residual: bool = False,
-               fpn: bool = True) -> Xception65:
+               fpn: bool = True, ceil_mode: bool | None = None) -> Xception65:
     """Xception-65 for `net.encoder.type: xception65`.
 
     The config schema hands every encoder the same `net.encoder.kwargs`: the output stride is read from
     `replace_stride_with_dilation` as for a ResNet ([false, false, true] = 16, [false, true, true] = 8);
     `multi_grid`, `zero_init_residual` and `fpn` are ResNet settings the Xception has no counterpart
-    for, and are ignored. `stem` must stay `deep` (the default): the Xception has one stem only.
+    for, and are ignored. `stem` must stay `deep` (the default): the Xception has one stem only, and
+    no max-pool, so `ceil_mode` must stay null.
     """
+    if ceil_mode is not None:
+        raise ValueError(f"net.encoder.kwargs.ceil_mode = {ceil_mode!r}: xception65 has no max-pool; leave it null")
     if stem != "deep":
         raise ValueError(f"net.encoder.stem = {stem!r}: xception65 has a single stem; leave net.encoder.stem at deep")
     return Xception65(output_stride=_output_stride(replace_stride_with_dilation), width=width)
