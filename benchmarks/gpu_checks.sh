@@ -26,6 +26,7 @@ V=experiments/pascal/366/config.yaml
 if [ "$DRY" = 1 ]; then
   # The same commands with CPU sizes: batch 2 (a step needs a mixing partner), crop 33, a width-8 encoder.
   echo "dry run: CPU, tiny sizes; nvidia-smi and torch.compile skipped" | tee "$OUT/gpu.txt"
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # it times nothing: one thread each wastes no CPU on contention
   DEV="--device cpu"; SIZE=33; B8=2; B4=2; COMPILE=""
   STEP="--iters 1 --warmup 1"; LONG="--iters 2 --warmup 1"
   TINY="net.encoder.type=resnet_tiny net.encoder.kwargs.width=8 net.decoder.kwargs.inner_planes=16 net.decoder.kwargs.low_conv_planes=16"
