@@ -3,11 +3,11 @@
 TOOLS is a table with one row per entry point (a script in benchmarks/, train_semi.py, eval.py, a
 `python -m s4mc.…` module): the arguments it runs with, on the CPU at the smallest sizes, from the
 repository root in a fresh interpreter, and the function that parses what it printed and checks the
-figures. Rows whose runs other tests already make (`covered_by`) only start, with --help. Rows marked
-`shared` (--help, and light tools that change no global state) run one after the other in a single
-interpreter, as `python -m` / `python path` would (runpy), to pay the torch import once; every other
-row has an interpreter of its own. `test_every_entry_point_has_a_row` fails for a tool without a row,
-so a new or renamed one gets one.
+figures. Rows whose runs other tests already make (`covered_by`) only start, with --help. The Python
+rows run one after the other in one interpreter, each as `python -m` / `python path` would (runpy), so
+that the torch import (2-4 s of CPU) is paid once, not per row; a row marked `alone`, and the shell
+script, get a process of their own. `test_every_entry_point_has_a_row` fails for a tool without a
+row, so a new or renamed one gets one.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def check_splits_make(out: str, tmp: Path) -> None:
 
 
 def check_help(out: str, tmp: Path) -> None:
-    assert out.startswith("usage:"), out
+    assert re.search(r"^usage: ", out, re.MULTILINE), out
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class Tool:
     args: list[str]
     check: Callable[[str, Path], None]
     env: dict[str, str] = field(default_factory=dict)
-    shared: bool = False            # run in the one interpreter shared by such rows
+    alone: bool = False             # a Python tool in an interpreter of its own, not the shared one
     covered_by: str | None = None   # the test that runs it in earnest (then args is --help)
 
     def command(self) -> list[str]:
@@ -168,24 +168,17 @@ class Tool:
             return ["{python}", self.entry, *self.args]
         return ["{python}", "-m", self.entry, *self.args]
 
+    @property
+    def shared(self) -> bool:
+        return not (self.alone or self.entry.endswith(".sh"))
 
-Covered = partial(Tool, args=["--help"], check=check_help, shared=True)
 
-TOOLS = [  # the longest first: rows run side by side (see `launched`)
+Covered = partial(Tool, args=["--help"], check=check_help)
+
+TOOLS = [
+    # Its own process (the longest row): train_step.py four times and method.py, as a GPU session runs them.
     Tool("benchmarks/gpu_checks.sh", ["--dry-run"], check_gpu_checks, env={"OUT": "{tmp}/gpu_out", "PY": "{python}"}),
-    Tool("benchmarks/method.py", ["--size", "24", "--batch", "2", "--runs", "2", "--warmup", "1", "--device", "cpu",
-                                  "--neighbors", "8", "--k", "2", "--profile", "{tmp}/profile.txt"], check_method),
-    Tool("benchmarks/data.py", ["--images", "2", "--runs", "1", "--crop", "64"], check_data),
-    Tool("benchmarks/loss_trace.py", ["--settings", "s4mc", "--iters", "2"], check_loss_trace),
-    Tool("benchmarks/margin_variants.py", ["--dry-run"], check_margin_variants),
-    Tool("s4mc.toy_pretrain", ["--out-dir", "{tmp}/pre", "--pool-images", "4", "--epochs", "1", "--size", "32",
-                               "--opts", "dataset.batch_size=2", "dataset.workers=0", "dataset.train.crop.size=[32,32]",
-                               *TINY_NET], check_toy_pretrain),
-    Tool("s4mc.data.toy", ["--root", "{tmp}/toy", "--num-train", "4", "--num-labeled", "2", "--num-val", "1",
-                           "--size", "32"], check_toy, shared=True),
-    Tool("s4mc.data.splits", ["make", "--root", "{toy}", "--image-dir", "JPEGImages", "--mask-dir",
-                              "SegmentationClass", "--num-labeled", "3", "--out", "{tmp}/split"], check_splits_make,
-         shared=True),
+    # The shared interpreter, in this order: those run in earnest elsewhere first (they only parse --help) ...
     Covered("benchmarks/train_step.py", covered_by="the benchmarks/gpu_checks.sh row (four settings)"),
     Covered("benchmarks/variants.py", covered_by="tests/test_study.py::test_variants_script_end_to_end"),
     Covered("benchmarks/mask_oracle.py", covered_by="tests/test_study.py::test_mask_oracle_script_end_to_end"),
@@ -200,22 +193,35 @@ TOOLS = [  # the longest first: rows run side by side (see `launched`)
     Covered("s4mc.data.priors",
             covered_by="tests/test_reliability.py::test_priors_cli_takes_the_neighbourhood_from_the_config"),
     Covered("s4mc.engine.run_header", covered_by="tests/test_run_header.py::test_preview_command_on_the_voc_config"),
+    # ... then the runs (loss_trace.py turns logging off and toy_pretrain trains: last).
+    Tool("s4mc.data.toy", ["--root", "{tmp}/toy", "--num-train", "4", "--num-labeled", "2", "--num-val", "1",
+                           "--size", "32"], check_toy),
+    Tool("s4mc.data.splits", ["make", "--root", "{toy}", "--image-dir", "JPEGImages", "--mask-dir",
+                              "SegmentationClass", "--num-labeled", "3", "--out", "{tmp}/split"], check_splits_make),
+    Tool("benchmarks/data.py", ["--images", "2", "--runs", "1", "--crop", "64"], check_data),
+    Tool("benchmarks/method.py", ["--size", "24", "--batch", "2", "--runs", "2", "--warmup", "1", "--device", "cpu",
+                                  "--neighbors", "8", "--k", "2", "--profile", "{tmp}/profile.txt"], check_method),
+    Tool("benchmarks/margin_variants.py", ["--dry-run"], check_margin_variants),
+    Tool("benchmarks/loss_trace.py", ["--settings", "s4mc", "--iters", "2"], check_loss_trace),
+    Tool("s4mc.toy_pretrain", ["--out-dir", "{tmp}/pre", "--pool-images", "4", "--epochs", "1", "--size", "32",
+                               "--opts", "dataset.batch_size=2", "dataset.workers=0", "dataset.train.crop.size=[32,32]",
+                               *TINY_NET], check_toy_pretrain),
 ]
 
 # Runs the shared rows one after the other, each as `python path ARGS` / `python -m module ARGS` would
-# (sys.argv, sys.path[0], __name__ == "__main__"), each output after a marker line.
+# (sys.argv, sys.path, __name__ == "__main__"; modules already imported stay), each output after a marker line.
 SHARED_HARNESS = r"""
 import json, os, runpy, sys, traceback
-cwd = os.getcwd()
+cwd, path = os.getcwd(), list(sys.path)
 for entry, args in json.loads(sys.argv[1]):
     sys.argv = [entry, *args]
+    sys.path[:] = path
+    sys.path[0] = os.path.dirname(os.path.abspath(entry)) if entry.endswith(".py") else cwd
     print(f"\n=== {entry}", flush=True)
     try:
         if entry.endswith(".py"):
-            sys.path[0] = os.path.dirname(os.path.abspath(entry))
             runpy.run_path(entry, run_name="__main__")
         else:
-            sys.path[0] = cwd
             runpy.run_module(entry, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -233,10 +239,12 @@ def fill(text: str, tmp: Path, toy: Path | None) -> str:
     return text
 
 
-def run(cmd: list[str], env: dict[str, str]) -> str:
+def run(cmd: list[str], env: dict[str, str], merge: bool = False) -> str:
+    """The command's stdout (with its stderr if `merge`); a clear failure if it exits non-zero."""
     environ = dict(os.environ, OMP_NUM_THREADS="1", **env)
     environ.pop("PYTHONPATH", None)  # the scripts must find the package themselves, as from a shell
-    proc = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -244,7 +252,8 @@ def run(cmd: list[str], env: dict[str, str]) -> str:
 def run_shared(rows: list[tuple[Tool, Path]], toy: Path | None) -> dict[str, str]:
     """Each shared row's output, from one interpreter; a row that exits non-zero fails only its own test."""
     spec = [(tool.entry, [fill(a, tmp, toy) for a in tool.args]) for tool, tmp in rows]
-    out = run([sys.executable, "-c", SHARED_HARNESS, json.dumps(spec)], {})
+    # stderr merged (and unbuffered), so that a row's error message shows in its own test's failure
+    out = run([sys.executable, "-u", "-c", SHARED_HARNESS, json.dumps(spec)], {}, merge=True)
     parts = re.split(r"^=== (\S+)\n", out, flags=re.MULTILINE)[1:]
     outputs = dict(zip(parts[::2], parts[1::2]))
     assert list(outputs) == [tool.entry for tool, _ in rows], out
@@ -253,8 +262,9 @@ def run_shared(rows: list[tuple[Tool, Path]], toy: Path | None) -> dict[str, str
 
 @pytest.fixture(scope="module")
 def launched(request, tmp_path_factory):
-    """A future of each selected row's output and its folder. Rows run side by side on a pool as wide as the
-    machine (at most 4): each is an interpreter that mostly imports torch, and 2 cores halve their time."""
+    """A future of each selected row's output, and its folder. The shell script, the shared interpreter and
+    any `alone` row run side by side on a pool as wide as the machine (at most 4): on 2 cores, the shared
+    interpreter's rows take no longer than gpu_checks.sh's dry run alone."""
     names = {item.nodeid.split("::")[-1] for item in request.session.items
              if item.nodeid.startswith(f"{request.node.nodeid}::")}
     selected = [(t, tmp_path_factory.mktemp(re.sub(r"\W", "_", t.entry))) for t in TOOLS
@@ -282,7 +292,7 @@ def test_tool_runs(tool, launched):
     future, tmp = launched[tool.entry]
     out = future.result()
     if tool.shared:
-        out, code = re.fullmatch(r"(.*?)\n*=== exit (\S+)\s*", out[tool.entry], re.DOTALL).groups()
+        out, code = re.fullmatch(r"(.*?)\n*=== exit (.*?)\s*", out[tool.entry], re.DOTALL).groups()
         assert code == "0", f"{tool.entry} {' '.join(tool.args)} exited {code}:\n{out}"
     tool.check(out, tmp)
 
@@ -302,3 +312,11 @@ def test_every_entry_point_has_a_row():
     assert len(rows) == len(set(rows))
     assert entry_points() == set(rows), "add a row to TOOLS for each new or renamed tool"
     assert all(t.covered_by is None or t.args == ["--help"] for t in TOOLS)
+
+
+def test_toy_pretrain_keeps_off_recipe_encoders_out_of_the_default_folder(capsys):
+    from s4mc import toy_pretrain
+
+    with pytest.raises(SystemExit) as stop:  # refused before anything is generated or trained
+        toy_pretrain.main(["--epochs", "1"])
+    assert stop.value.code == 2 and "give --out-dir other than" in capsys.readouterr().err
