@@ -1,9 +1,8 @@
 """Every benchmark and command-line tool runs (issue 35).
 
 TOOLS is a table with one row per entry point (a script in benchmarks/, train_semi.py, eval.py, a
-`python -m s4mc.…` module): the arguments it runs with, on the CPU at the smallest sizes, from the
-repository root in a fresh interpreter, and the function that parses what it printed and checks the
-figures. Rows whose runs other tests already make (`covered_by`) only start, with --help. The Python
+`python -m s4mc.…` module): the arguments it runs with, in a subprocess from the repository root, on
+the CPU at the smallest sizes, and the function that parses what it printed and checks the figures. Rows whose runs other tests already make (`covered_by`) only start, with --help. The Python
 rows run one after the other in one interpreter, each as `python -m` / `python path` would (runpy), so
 that the torch import (2-4 s of CPU) is paid once, not per row; a row marked `alone`, and the shell
 script, get a process of their own. `test_every_entry_point_has_a_row` fails for a tool without a
