@@ -150,6 +150,68 @@ def test_ctrl_c_from_a_terminal_with_loader_workers(reference, tmp_path):
     assert_same_model(reference["latest"], load(tmp_path / "run" / "checkpoints" / "latest.pth"))
 
 
+def _launch_with_workers(reference, tmp_path, workers: int):
+    """train_semi.py on the reference's config with loader workers, in its own process group (as a
+    terminal, GNU timeout or Slurm start it); returns (popen, args for the same run in-process)."""
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], workers=workers)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    args = ["--config", str(config), "--name", "run", "--device", "cpu"]
+    # The reference's thread count: a different one may round the convolutions differently.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_semi.py"), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, args
+
+
+def _stopped_at(err: str) -> int:
+    import re
+
+    found = re.search(r"stopped by SIGTERM after iteration (\d+); .*latest\.pth is saved", err)
+    assert found, err[-3000:]
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_resume_auto_finishes_exactly(reference, tmp_path):
+    """GNU timeout, Slurm and `kill -TERM -- -PGID` signal the DataLoader workers too: the run still
+    stops at a boundary with a checkpoint, and --resume auto ends equal to the uninterrupted run."""
+    proc, args = _launch_with_workers(reference, tmp_path, workers=2)
+    for line in proc.stdout:
+        if " iter 2/" in line:
+            time.sleep(random.uniform(0, 0.3))
+            os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as `kill -TERM -- -PGID`
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert err.strip().count("\n") == 0, err  # one line
+    stopped = load(tmp_path / "run" / "checkpoints" / "latest.pth")
+    assert stopped["iteration"] == _stopped_at(err) and 2 <= stopped["iteration"] < 8
+    assert cli.train_main([*args, "--resume", "auto"]) == 0
+    assert_same_model(reference["latest"], load(tmp_path / "run" / "checkpoints" / "latest.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the loader workers through /proc")
+def test_a_worker_dying_while_a_stop_is_pending_is_still_a_stop(reference, tmp_path):
+    """A worker can die of the signal before it ignores it (while it starts): the stop goes on."""
+    proc, _ = _launch_with_workers(reference, tmp_path, workers=1)
+    for line in proc.stdout:
+        if " iter 2/" in line:
+            os.kill(proc.pid, signal.SIGTERM)
+            workers = _children(proc.pid)
+            assert workers
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err[-3000:]
+    assert load(tmp_path / "run" / "checkpoints" / "latest.pth")["iteration"] == _stopped_at(err)
+
+
 def test_second_start_refuses_and_failed_starts_leave_no_trace(toy_root, toy_cfg, tmp_path, capsys):
     bad = toy_cfg(toy_root, tmp_path, **{"dataset.val.data_list": str(toy_root / "splits" / "nope.txt")})
     with pytest.raises(DataError):

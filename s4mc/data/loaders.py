@@ -196,11 +196,17 @@ def _stream_seed(seed: int, rank: int, stream: int) -> int:
 def worker_init_fn(worker_id: int) -> None:
     """Runs in each worker. torch/random/numpy are already seeded by the DataLoader
     from the (rank-dependent) base seed + worker id; keep cv2 single-threaded, and leave
-    Ctrl-C to the main process, which stops the run at an iteration boundary (a worker
-    killed by it would end the run with no checkpoint)."""
+    Ctrl-C and SIGTERM to the main process, which stops the run at an iteration boundary (a
+    worker killed by them would end the run with no checkpoint). A terminal's Ctrl-C, GNU
+    timeout, Slurm and `kill -TERM -- -PGID` signal every process of the group, workers included.
+
+    torch's worker loop installs a SIGTERM handler that dies unless the parent sent it; ignoring
+    SIGTERM replaces it. A worker still ends: it exits when its loader is shut down, and its
+    watchdog ends it within seconds when the main process is gone."""
     import cv2
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EpochTaggedSampler(DistributedSampler):

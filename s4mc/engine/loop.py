@@ -19,7 +19,7 @@ from s4mc import method
 from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, rank_averaged_buffers
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.engine.batches import build_partner_loader, epoch_batches
-from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
+from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, worker_died
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
@@ -356,8 +356,24 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
             f"Continue with --resume auto.", stop.signum or signal.SIGINT)
 
+    def stopped_by_worker_death() -> TrainingInterrupted:
+        """A DataLoader worker died while a stop was pending (the signal reached it while it was
+        starting, before it ignored it): still the requested stop, not a crash."""
+        if not stepping and not dist.distributed:
+            # Between steps: the state is whole, save it (unless this iteration is saved already).
+            if latest_iteration != state.iteration:
+                save("latest.pth", state.epoch, epoch_done=False)
+            return interrupted()
+        # Mid-step, or with several processes (the others are in a collective a save would not
+        # match): nothing consistent to save here.
+        return TrainingInterrupted(
+            f"stopped by {stop.name} during iteration {state.iteration + 1}: a DataLoader worker was killed "
+            f"before the step ended, so nothing was saved now. {kept_note()} Continue with --resume auto.",
+            stop.signum or signal.SIGINT)
+
     last_result = None
     images_since_eval = False
+    stepping = False  # inside a training step: the state is not whole
     start_time = time.perf_counter()
     try:
         for epoch in range(state.epoch, tr["epochs"]):
@@ -382,7 +398,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
                     next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
+                stepping = True
                 metrics = train_step(state, *group[0], cfg) if accumulate == 1 else accumulated_step(state, group, cfg)
+                stepping = False
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
@@ -431,6 +449,17 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     except TrainingInterrupted as exc:
         log_fatal_to_file(str(exc), prefix="")
         raise
+    except RuntimeError as exc:
+        if stop.signum is None or not worker_died(exc):
+            log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
+            raise
+        try:
+            stopped = stopped_by_worker_death()
+        except BaseException as inner:  # the save failed (a full disk, a non-finite model): that is the news
+            log_fatal_to_file(clean_message(inner) if isinstance(inner, S4MCError) else traceback.format_exc())
+            raise
+        log_fatal_to_file(str(stopped), prefix="")
+        raise stopped from None
     except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
         log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
         raise
