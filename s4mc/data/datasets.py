@@ -208,12 +208,42 @@ def build_samples(dataset_type: str, root: str | os.PathLike, split: str | os.Pa
 
 def load_image(path: str) -> np.ndarray:
     """RGB uint8 HxWx3. cv2 decodes JPEG faster than PIL; it returns None on failure."""
+    try:
+        cut = incomplete_jpeg(path)
+    except OSError:
+        cut = None  # missing or unreadable: cv2's None below names it
+    if cut is not None:
+        raise DataError(f"image is an incomplete JPEG, truncated or damaged ({cut}): {path}")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         if not os.path.isfile(path):
             raise DataError(f"image not found: {path}")
         raise DataError(f"cannot decode image (corrupt or unsupported format): {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def incomplete_jpeg(path: str) -> str | None:
+    """Why a JPEG file is incomplete, or None (also for any other format).
+
+    libjpeg decodes a cut file without an error: cv2 returns the image with its missing part filled
+    grey and only prints warnings, so it is checked before decoding. A complete JPEG ends with the end-of-image marker FF D9; checking
+    the file's last bytes costs one small read. A file without it at the end is either cut or has a
+    trailer after the marker (some cameras append data); PIL, which refuses a cut file, decides.
+    """
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 64))
+        tail = f.read()
+    if tail.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError for a cut file, others for worse
+        return str(e).split("\n")[0]
+    return None
 
 
 def load_mask(path: str, *, lut: np.ndarray | None = None) -> np.ndarray:
