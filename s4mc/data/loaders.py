@@ -16,6 +16,7 @@ DistributedSampler's seed + epoch.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -207,6 +208,24 @@ def worker_init_fn(worker_id: int) -> None:
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """Runs at exit before multiprocessing's own exit handler (atexit runs last-registered first;
+    torch imported multiprocessing before this module), which would SIGTERM the daemonic children,
+    the DataLoader workers, and then wait for them without a limit: they ignore SIGTERM
+    (worker_init_fn). An exception's traceback can keep a loader alive in a reference cycle;
+    collecting it lets torch shut its workers down as it does; any left are ended here."""
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_end_workers_at_exit)
 
 
 class EpochTaggedSampler(DistributedSampler):
