@@ -257,6 +257,165 @@ def test_second_start_refuses_and_failed_starts_leave_no_trace(toy_root, toy_cfg
     assert load(run / "checkpoints" / "latest.pth")["iteration"] == 2
 
 
+def test_a_damaged_latest_pth_falls_back_to_the_previous_checkpoint(reference, toy_root, toy_cfg, tmp_path, capsys):
+    """Each save keeps the one before as latest.prev.pth; --resume auto takes the newest that loads,
+    says which and what is done again, and still ends equal to the uninterrupted run."""
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT)
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.max_iters": 6}), name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert load(ckpts / "latest.pth")["iteration"] == 6 and load(ckpts / "latest.prev.pth")["iteration"] == 4
+    good_previous = (ckpts / "latest.prev.pth").read_bytes()
+    latest = ckpts / "latest.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    loop_mod.train(cfg, name="run", resume="auto")
+    out = capsys.readouterr().out
+    assert "latest.pth cannot be used" in out and "resuming from" in out and "latest.prev.pth (iteration 4)" in out
+    assert "at least 2 iterations are done again" in out
+    assert (ckpts / "latest.pth.damaged").is_file()  # kept aside, never made the previous checkpoint
+    final = load(ckpts / "latest.pth")
+    assert_same_model(reference["latest"], final)
+    assert final["best_miou"] == reference["latest"]["best_miou"]
+
+    # Garbage, empty, a wrong type, or missing: the same fallback.
+    from s4mc.engine.loop import find_resume
+
+    for damage in (b"garbage" * 10, b"", None, "tensor"):
+        folder = tmp_path / "other" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "latest.prev.pth").write_bytes(good_previous)
+        (folder / "latest.pth").unlink(missing_ok=True)
+        if damage == "tensor":
+            torch.save(torch.zeros(3), folder / "latest.pth")
+        elif damage is not None:
+            (folder / "latest.pth").write_bytes(damage)
+        point = find_resume("auto", tmp_path / "other", cfg)
+        assert point.path.name == "latest.prev.pth" and point.checkpoint["iteration"] == 4
+        assert [p.name for p, _ in point.skipped] == ["latest.pth"]
+
+    # Nothing loads: the refusal lists why and names what works (not --resume auto again).
+    (folder / "latest.prev.pth").write_bytes(b"")
+    with pytest.raises(S4MCError) as info:
+        find_resume("auto", tmp_path / "other", cfg)
+    assert "latest.pth:" in str(info.value) and "latest.prev.pth:" in str(info.value)
+    assert "--overwrite" in str(info.value) and "Continue it with --resume auto" not in str(info.value)
+
+
+def test_with_latest_pth_missing_and_best_pth_present_every_refusal_names_a_way_on(toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.epochs": 1})
+    loop_mod.train(cfg, name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "latest.pth").unlink()
+    (ckpts / "latest.prev.pth").unlink(missing_ok=True)
+    for resume in ("auto", None):
+        with pytest.raises(S4MCError) as info:
+            loop_mod.train(cfg, name="run", resume=resume)
+        message = str(info.value)
+        assert "--overwrite" in message and "--name" in message, message
+        assert "Continue it with --resume auto" not in message, message  # circular: it would fail the same way
+    with pytest.raises(S4MCError, match=r"saver\.pretrain=.*best\.pth"):
+        loop_mod.train(cfg, name="run", resume="auto")
+    # The ways named work: saver.pretrain from best.pth under a new name, and --overwrite.
+    fresh = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 1, "trainer.epochs": 1, "trainer.eval_on": False,
+                                           "saver.pretrain": str(ckpts / "best.pth")})
+    loop_mod.train(fresh, name="new")
+    assert load(tmp_path / "new" / "checkpoints" / "latest.pth")["iteration"] == 1
+    loop_mod.train(cfg, name="run", overwrite=True)
+    assert load(ckpts / "latest.pth")["iteration"] == 2
+
+
+def test_best_pth_at_a_mid_epoch_stop_is_marked_as_its_iteration_and_holds_only_the_evaluated_weights(
+        reference, toy_root, toy_cfg, tmp_path):
+    """best.pth written at a mid-epoch stop (max_iters) is not marked as a finished epoch; it holds
+    the evaluated weights and the config (a third of latest.pth), so a resume from it is refused with
+    the ways on. A full best.pth from before, marked as a finished epoch, resumes exactly."""
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.max_iters": 2}), name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    best, latest = load(ckpts / "best.pth"), load(ckpts / "latest.pth")
+    assert best["iteration"] == latest["iteration"] == 2 and best["epoch"] == latest["epoch"] == 0
+    assert best["evaluated_weights"] == "teacher" and set(best) == {
+        "kind", "teacher_state", "format_version", "evaluated_weights", "epoch", "iteration", "semi_start",
+        "best_miou", "config", "world_size"}
+    assert (ckpts / "best.pth").stat().st_size < 0.4 * (ckpts / "latest.pth").stat().st_size
+    for name in best["teacher_state"]:
+        assert torch.equal(best["teacher_state"][name], latest["teacher_state"][name])
+    # Nothing is stored twice in latest.pth: every tensor has its own storage.
+    tensors = [*latest["model_state"].values(), *latest["teacher_state"].values(),
+               *(s["momentum_buffer"] for s in latest["optimizer_state"]["state"].values())]
+    assert len({t.untyped_storage().data_ptr() for t in tensors if t.numel()}) == sum(t.numel() > 0 for t in tensors)
+
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT)
+    with pytest.raises(S4MCError, match=r"best\.pth.*--resume auto.*saver\.pretrain="):
+        loop_mod.train(cfg, name="run", resume=str(ckpts / "best.pth"))
+    # What 31ff105 wrote as best.pth at this stop: the full state, its epoch marked as done.
+    old_style = dict(latest, epoch=latest["epoch"] + 1)
+    torch.save(old_style, ckpts / "old_best.pth")
+    loop_mod.train(cfg, name="run", resume=str(ckpts / "old_best.pth"))
+    final = load(ckpts / "latest.pth")
+    assert final["iteration"] == 8
+    assert_same_model(reference["latest"], final)
+
+
+def test_a_full_disk_is_named_in_one_line_and_leaves_nothing_behind(toy_root, toy_cfg, tmp_path, monkeypatch, capsys):
+    """The disk fills during the third save: one line saying so, the temporary file removed, the
+    previous checkpoint intact and resumable."""
+    import errno
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    class FillingDisk:
+        """A file that takes 1000 bytes, then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f, self.left = f, 1000
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != 3:
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as opened:
+                return real_save(obj, FillingDisk(opened), *args, **kwargs)
+        return real_save(obj, FillingDisk(f), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    config = tmp_path / "config.yaml"
+    dump_config(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.save_every": 1, "trainer.eval_on": False}), config)
+    assert cli.train_main(["--config", str(config), "--name", "full"]) == 2
+    err = capsys.readouterr().err
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device at {ckpts}: "), err
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert f"The last good checkpoint, {ckpts / 'latest.pth'} (iteration 2), is kept" in err
+    assert "Free at least" in err and "--resume auto" in err
+    # No temporary file. (latest.prev.pth went before the write, which keeps two checkpoints on the disk at most.)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.pth"]
+    assert load(ckpts / "latest.pth")["iteration"] == 2
+    monkeypatch.undo()
+    assert cli.train_main(["--config", str(config), "--name", "full", "--resume", "auto"]) == 0
+
+
+def test_an_absolute_checkpoint_dir_works(toy_root, toy_cfg, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "ckpts"
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.eval_on": False,
+                                         "saver.checkpoint_dir": str(elsewhere)})
+    loop_mod.train(cfg, name="run")
+    assert (tmp_path / "run" / "train.log").is_file() and load(elsewhere / "latest.pth")["iteration"] == 2
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.eval_on": False,
+                                                  "saver.checkpoint_dir": str(elsewhere)}), name="run", resume="auto")
+    assert load(elsewhere / "latest.pth")["iteration"] == 3
+
+
 @pytest.mark.parametrize("mode", ["semi", "warm-up", "supervised only"])
 def test_eval_py_reproduces_the_logged_best_miou(mode, toy_root, toy_cfg, tmp_path, capsys):
     extra = {"semi": {}, "warm-up": {"trainer.sup_only_epoch": 1}, "supervised only": {"trainer.mode": "sup"}}[mode]
