@@ -405,6 +405,36 @@ def test_a_full_disk_is_named_in_one_line_and_leaves_nothing_behind(toy_root, to
     assert cli.train_main(["--config", str(config), "--name", "full", "--resume", "auto"]) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_failed_save_with_loader_workers_ends_the_process_in_one_line(reference, tmp_path):
+    """A real write failure (a file-size limit: EFBIG) in a process with loader workers: one line,
+    no temporary file, and the process exits (workers ignore SIGTERM, which multiprocessing's
+    exit handler would send before waiting for them)."""
+    import resource
+
+    limit = (reference["run"] / "checkpoints" / "latest.pth").stat().st_size // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], workers=1)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "train_semi.py"), "--config", str(config), "--name", "run",
+                           "--device", "cpu"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=small_files)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: cannot write {ckpts / 'best.pth'}: File too large") or \
+        proc.stderr.startswith(f"error: cannot write {ckpts / 'latest.pth'}: File too large"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--resume auto" in proc.stderr
+    assert not list(ckpts.glob(".*tmp*"))
+
+
 def test_an_absolute_checkpoint_dir_works(toy_root, toy_cfg, tmp_path):
     elsewhere = tmp_path / "elsewhere" / "ckpts"
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.eval_on": False,
