@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -497,6 +498,44 @@ def test_scientific_notation_and_override_errors():
     assert cfg["trainer"]["optimizer"]["kwargs"]["lr"] == 0.02 and cfg["trainer"]["epochs"] == 10
     with pytest.raises(ConfigError, match=r"override 'trainer.epochs=ten'"):
         load_config(REPO / "experiments" / "toy" / "config.yaml", ["trainer.epochs=ten"])
+
+
+def test_a_file_listed_twice_in_a_split_is_refused_with_both_line_numbers(toy_root, toy_cfg, tmp_path):
+    listed = (toy_root / "splits" / "labeled.txt").read_text().split()
+    split = tmp_path / "labeled.txt"
+    split.write_text("\n".join([*listed, "", f"{listed[2]}  "]) + "\n")  # a blank line between, trailing blanks
+    cfg = toy_cfg(toy_root, tmp_path, **{"dataset.train.data_list": str(split),
+                                         "dataset.train.unlabeled_list": str(toy_root / "splits" / "unlabeled.txt")})
+    with pytest.raises(DataError, match=rf"{split} lists '{listed[2]}' twice, on lines 3 and {len(listed) + 2}"):
+        loop_mod.train(cfg, name="dup")
+    assert not (tmp_path / "dup").exists()
+
+
+def test_numbers_beyond_float32_are_refused_naming_the_key(capsys):
+    for opt, key in (("trainer.optimizer.kwargs.lr=1e300", "'trainer.optimizer.kwargs.lr' = 1e+300"),
+                     ("dataset.mean=[1e39, 1, 1]", "'dataset.mean[0]' = 1e+39"),
+                     ("trainer.optimizer.kwargs.weight_decay=.inf", "'trainer.optimizer.kwargs.weight_decay' = inf")):
+        with pytest.raises(ConfigError, match=re.escape(key) + " is not a finite float32 number"):
+            load_config(REPO / "experiments" / "toy" / "config.yaml", [opt])
+    assert load_config(REPO / "experiments" / "toy" / "config.yaml",
+                       ["trainer.optimizer.kwargs.lr=1e38"])["trainer"]["optimizer"]["kwargs"]["lr"] == 1e38
+    assert cli.train_main(["--config", str(REPO / "experiments" / "toy" / "config.yaml"),
+                           "--opts", "trainer.optimizer.kwargs.lr=1e300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trainer.optimizer.kwargs.lr" in err and "Traceback" not in err
+
+
+def test_a_crop_larger_than_every_image_warns_once_with_the_sizes(toy_root, toy_cfg, tmp_path, caplog):
+    from s4mc.data import build_train_loaders
+
+    with caplog.at_level("WARNING"):
+        build_train_loaders(toy_cfg(toy_root, tmp_path))  # 40 px crops of 48 px images
+    assert "larger than every training image" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_train_loaders(toy_cfg(toy_root, tmp_path, **{"dataset.train.crop.size": [64, 200]}))
+    warned = [r.getMessage() for r in caplog.records if "larger than every training image" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "[64, 200]" in warned[0] and "48x48" in warned[0] and "60x60" in warned[0] and "1.25" in warned[0]
 
 
 def test_worker_errors_print_one_clean_line(toy_root, toy_cfg, tmp_path, capsys):

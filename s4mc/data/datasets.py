@@ -41,7 +41,12 @@ class Sample:
 
 
 def read_split(path: str | os.PathLike) -> list[str]:
-    """Non-empty, stripped lines of a split file (works without a final newline, CRLF too)."""
+    """Non-empty, stripped lines of a split file (works without a final newline, CRLF too).
+
+    An image listed twice is refused, naming both lines: it would train twice as often, or count
+    twice in the mIoU, while the run's header counts it twice among the images. No published list
+    has one (all 28 of U2PL's VOC and Cityscapes lists checked), so it is a slip in a hand-made
+    list, and only the user knows which line was meant."""
     p = Path(path)
     if not p.is_file():
         hint = ("; fetch the U2PL/S4MC lists with `python -m s4mc.data.splits fetch`"
@@ -51,11 +56,18 @@ def read_split(path: str | os.PathLike) -> list[str]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read split file {p}: {e}") from e
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
+    numbered = [(number, ln.strip()) for number, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(number, ln) for number, ln in numbered if ln and not ln.startswith("#")]
+    if not numbered:
         raise DataError(f"split file is empty: {p}")
-    return lines
+    first_seen: dict[str, int] = {}
+    for number, ln in numbered:
+        image = ln.split()[0]
+        if image in first_seen:
+            raise DataError(f"{p} lists {image!r} twice, on lines {first_seen[image]} and {number}; "
+                            "delete one (an image listed twice trains twice as often and is counted twice)")
+        first_seen[image] = number
+    return [ln for _, ln in numbered]
 
 
 def default_unlabeled_list(labeled_list: str | os.PathLike) -> Path:

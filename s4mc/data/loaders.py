@@ -285,6 +285,35 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
     return loader, sampler
 
 
+def warn_if_crop_exceeds_images(cfg: dict, samples: list, checked: int = 200) -> str | None:
+    """Warn (and return the text) when the training crop is larger than every image, even at the
+    largest rand_resize scale: every crop is then partly padding. Reads the headers of up to
+    `checked` images spread over the lists (a few ms), not the pixels."""
+    from PIL import Image
+
+    train = cfg["dataset"]["train"]
+    size = train["crop"]["size"]
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    scale = max(train["rand_resize"]) if train["rand_resize"] else 1.0
+    step = max(1, len(samples) // checked)
+    sizes = []
+    for sample in samples[::step][:checked]:
+        try:
+            with Image.open(sample.image) as im:
+                sizes.append((im.height, im.width))
+        except Exception:  # noqa: BLE001 - an unreadable image is the loader's error to report, by name
+            continue
+    if not sizes or any(h * scale >= ch and w * scale >= cw for h, w in sizes):
+        return None
+    h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+    text = (f"dataset.train.crop.size {[ch, cw]} is larger than every training image checked ({len(sizes)} of "
+            f"{len(samples)}; the largest is {h}x{w}, {round(h * scale)}x{round(w * scale)} at the largest rand_resize "
+            f"scale {scale:g}): every crop is partly padding (the mean colour, label {train['crop']['pad_label']}). "
+            f"Lower the crop size or raise dataset.train.rand_resize")
+    log.warning("%s", text)
+    return text
+
+
 def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                         labeled_only: bool = False) -> TrainLoaders:
     """Labeled and unlabeled training loaders (per-GPU batch dataset.batch_size each).
@@ -293,6 +322,8 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
     `unlabeled` is None.
     """
     labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only)
+    if rank == 0:
+        warn_if_crop_exceeds_images(cfg, labeled.samples + (unlabeled.samples if unlabeled is not None else []))
     bs = int(cfg["dataset"]["batch_size"])
     workers = int(cfg["dataset"]["workers"])
     if unlabeled is None and cfg["trainer"]["sup_epoch_length"] == "unlabeled":
