@@ -248,11 +248,12 @@ def study_row(cfg: dict) -> str:
     return "s4mc_psi" if unsup["strong_aug"] else "s4mc"
 
 
-def comparison_line(study_path: str | Path, miou: float, row: str) -> str:
+def comparison_line(study_path: str | Path, miou: float, row: str, iterations: int | None = None) -> str:
     """One line setting this run's mIoU beside a study's rows at the same budget and start.
 
     The study JSON is what `benchmarks/variants.py --json` writes; a missing or unreadable file
-    gives a line that says so instead of failing a finished run.
+    gives a line that says so instead of failing a finished run. `iterations`, this run's: a study
+    whose rows record another number of iterations ran another budget, and is not set beside it.
     """
     path = Path(study_path)
     try:
@@ -261,6 +262,10 @@ def comparison_line(study_path: str | Path, miou: float, row: str) -> str:
         seeds = " ".join(map(str, study["seeds"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no comparison: cannot read the study {path} ({type(e).__name__}: {e})"
+    budgets = sorted({n for name in ("supervised", row) if name in rows for n in rows[name].get("iterations", [])})
+    if iterations is not None and budgets and budgets != [iterations]:
+        return (f"no comparison with {path.name}: this run trained {iterations} iterations, the study's rows "
+                f"{' / '.join(map(str, budgets))} (another budget; a comparison needs the study's schedule)")
 
     def cell(name):
         r = rows[name]

@@ -578,7 +578,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             log.info("no comparison with %s: this run stopped at %d of the schedule's %d iterations",
                      cfg["evaluation"]["compare_with"], state.iteration, total_iters)
         elif cfg["evaluation"]["compare_with"]:
-            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg)))
+            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg),
+                                           iterations=state.iteration))
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
