@@ -124,6 +124,21 @@ def test_signal_at_a_random_moment_then_resume_equals_the_uninterrupted_run(
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
 
 
+def test_ctrl_c_while_python_imports_prints_one_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_semi.py"), "--config",
+                             str(REPO / "experiments" / "toy" / "config.yaml"), "--opts", f"output_dir={tmp_path}"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Python's own Ctrl-C handling, whatever the suite was started with (nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)  # importing torch takes longer
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+    assert "interrupted by Ctrl-C" in err and "second Ctrl-C" not in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_the_interrupt_tests_pass_when_the_suite_starts_with_sigint_ignored(tmp_path):
     """`nohup pytest ... &` starts Python with SIGINT ignored; the suite must not depend on that."""
