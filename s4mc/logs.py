@@ -56,10 +56,24 @@ def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logg
     return log
 
 
+class _RunLogFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once on stderr, not as logging's
+    traceback for every later line; the console still shows everything."""
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                  f"the log goes on on the console only", file=sys.stderr)
+
+
 def attach_log_file(log_file: str | Path) -> None:
     """Start writing the log to `log_file`, beginning with what was logged before it existed."""
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler = _RunLogFile(log_file, encoding="utf-8")
     handler.setFormatter(fmt)
     for early in [h for h in log.handlers if isinstance(h, _EarlyRecords)]:
         log.removeHandler(early)
