@@ -36,6 +36,10 @@ LATEST, PREVIOUS, BEST = "latest.pth", "latest.prev.pth", "best.pth"
 DAMAGED_SUFFIX = ".damaged"  # an unreadable latest.pth is kept aside under this suffix
 
 
+class NotResumable(CheckpointError):
+    """A checkpoint that holds no training state (best.pth); the message names what works instead."""
+
+
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, a permission); the previous one is intact.
 
@@ -237,7 +241,7 @@ def save_atomic(obj: dict, path: str | os.PathLike, keep_previous: bool = False)
     os.replace(tmp, path)
 
 
-def _resume_hint(path: Path) -> str:
+def resume_hint(path: Path) -> str:
     """A resume that works, for an error about the checkpoint at `path`."""
     if path.name in (LATEST, PREVIOUS):
         return (f"--resume auto takes the newest of {LATEST} and {PREVIOUS} in {path.parent} that loads; "
@@ -253,7 +257,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a training checkpoint: it holds a {type(ckpt).__name__}, not a dict")
     if ckpt.get("kind") == "best":
-        raise CheckpointError(
+        raise NotResumable(
             f"{path} is a best.pth: it holds the evaluated weights ({ckpt.get('evaluated_weights')}) and the "
             f"config, not the optimizer state and both models an exact resume needs. Continue the run with "
             f"--resume auto (its latest.pth), or start a new run from these weights with --name NEW "

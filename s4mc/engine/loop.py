@@ -222,13 +222,13 @@ def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> ResumePoint | N
         return None
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint file; {ckpt_io._resume_hint(path)}")
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file; {ckpt_io.resume_hint(path)}")
     try:
         return ResumePoint(path, ckpt_io.load_training_checkpoint(path), [])
+    except ckpt_io.NotResumable:
+        raise  # best.pth: its message names the ways on
     except CheckpointError as exc:
-        if "saver.pretrain" in str(exc):  # best.pth: its message names the ways on
-            raise
-        raise CheckpointError(f"{exc}. {ckpt_io._resume_hint(path)}") from exc
+        raise CheckpointError(f"{exc}. {ckpt_io.resume_hint(path)}") from exc
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -362,7 +362,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             log.info("removed %s, left by a checkpoint write that did not finish", path.name)
     barrier()
     log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
-    if resume_point is not None and resume_point.skipped:
+    if dist.is_main and resume_point is not None and resume_point.skipped:
         reached = _last_logged_iteration(run_dir)
         # metrics.jsonl says how far the run had come (to its last logged iteration, at least).
         redone = (f"the run had logged iteration {reached}, so at least {reached - state.iteration} iterations "
