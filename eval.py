@@ -7,7 +7,10 @@ flip, test-time refinement and saved predictions.
 
 import sys
 
-from s4mc.cli import eval_main
-
 if __name__ == "__main__":
+    try:
+        from s4mc.cli import eval_main
+    except KeyboardInterrupt:  # Ctrl-C while Python imports: one line, not a traceback
+        print("interrupted by Ctrl-C while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(eval_main())

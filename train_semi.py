@@ -7,7 +7,10 @@ Single process, `torchrun --nproc_per_node=N train_semi.py ...`, or the legacy
 
 import sys
 
-from s4mc.cli import train_main
-
 if __name__ == "__main__":
+    try:
+        from s4mc.cli import train_main
+    except KeyboardInterrupt:  # Ctrl-C while Python imports: one line, not a traceback
+        print("interrupted by Ctrl-C while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
     sys.exit(train_main())

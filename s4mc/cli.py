@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,12 +84,14 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug-dump", action="store_true", help=argparse.SUPPRESS)  # tests: see loop.train
     args = parser.parse_args(argv)
 
-    from s4mc.config import load_config  # imported here: see the module docstring
-    from s4mc.engine.interrupt import TrainingInterrupted
-    from s4mc.engine.loop import TrainingDiverged, train
-    from s4mc.models import check_pretrained_file
-
     try:
+        # Inside the try: a Ctrl-C during these imports (torch takes seconds) ends in one line too.
+        # The except clauses below name only what is bound before them for that reason.
+        from s4mc.config import load_config
+        from s4mc.engine.interrupt import SecondInterrupt, TrainingInterrupted
+        from s4mc.engine.loop import TrainingDiverged, train
+        from s4mc.models import check_pretrained_file
+
         overrides = list(args.opts)
         if args.seed is not None:
             overrides.append(f"seed={args.seed}")
@@ -98,22 +102,31 @@ def train_main(argv: list[str] | None = None) -> int:
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
               argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite,
               debug_dump=args.debug_dump)
-    except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)
-        return 128 + int(exc.signum)
-    except TrainingDiverged as exc:
-        _report(exc)
-        return 3
-    except S4MCError as exc:
-        _report(exc)
-        return 2
-    except KeyboardInterrupt:
-        print("aborted by a second Ctrl-C; nothing was saved after the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        second = "s4mc.engine.interrupt" in sys.modules and isinstance(exc, SecondInterrupt)
+        print("aborted by a second Ctrl-C; nothing was saved after the last checkpoint" if second
+              else INTERRUPTED_OUTSIDE_THE_LOOP, file=sys.stderr)
         return 130
+    except S4MCError as exc:  # raised only once the imports above are done
+        if isinstance(exc, TrainingInterrupted):
+            print(exc, file=sys.stderr)
+            return 128 + int(exc.signum)
+        _report(exc)
+        return 3 if isinstance(exc, TrainingDiverged) else 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk outside the checkpoint writer (the log, metrics.jsonl): still one line.
+        print(f"error: no space left on device{f' at {exc.filename}' if exc.filename else ''}; checkpoints "
+              f"already written are intact: free some space and continue with --resume auto", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if not lost_a_peer(exc):
+            raise
+        _report_lost_peer(exc)
+        return 1
     finally:
-        from s4mc.distributed import cleanup
-
-        cleanup()
+        _cleanup()
     return 0
 
 
@@ -151,6 +164,45 @@ def prepare_toy_encoder(cfg: dict, wait_s: float = 3600.0) -> None:
             if time.monotonic() > deadline:
                 raise S4MCError(f"rank {rank}: waited {wait_s:.0f} s for rank 0 to build {TOY_ENCODER_FILE}")
             time.sleep(1.0)
+
+
+INTERRUPTED_OUTSIDE_THE_LOOP = ("interrupted by Ctrl-C before the training loop began or after it ended; this "
+                                "interruption saved nothing, checkpoints already written are kept")
+
+
+def _cleanup() -> None:
+    # Only once s4mc.distributed is imported: after a Ctrl-C during the imports, importing it
+    # here would start importing torch again.
+    distributed = sys.modules.get("s4mc.distributed")
+    if distributed is not None:
+        distributed.cleanup()
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+             "NCCL communicator was aborted", "Socket Timeout", "remote process exited")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """A collective failed because another process of the run is gone (killed, crashed)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    # DDP's buffer broadcast raises a plain RuntimeError, so the text decides as well as the type.
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(p in str(exc) for p in PEER_GONE)
+
+
+def _report_lost_peer(exc: BaseException) -> None:
+    """One line per surviving rank instead of the collective's traceback."""
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    text = str(exc).strip()
+    # gloo's first sentence without its source location: "Read error [host]:port: Connection reset by peer"
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0].split(". ")[0]) if text else type(exc).__name__
+    print(f"error [rank {rank}]: another process of this run is gone (killed or crashed; the launcher's "
+          f"report names it), so this one stops too ({first[:160]}); the last checkpoint is kept: continue "
+          f"with --resume auto", file=sys.stderr)
 
 
 def _report(exc: BaseException) -> None:
@@ -205,15 +257,16 @@ def eval_main(argv: list[str] | None = None) -> int:
             overrides.append(f"{key}={json.dumps(value)}")
     if args.scales is not None:
         overrides.append(f"evaluation.scales={json.dumps(args.scales)}")
-    from s4mc.distributed import cleanup
-
     try:
         result = run_predict(args, overrides) if args.images is not None else run_eval(args, overrides)
     except S4MCError as exc:
         _report(exc)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted by Ctrl-C; what was written before it is kept", file=sys.stderr)
+        return 130
     finally:
-        cleanup()
+        _cleanup()
     return 0 if result is not None else 1
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -423,6 +424,10 @@ def _check_value(spec: Key, value, dotted: str, where: str):
         # YAML 1.1 reads 1e6 and 2e-2 (no dot) as strings; a numeric key takes them as numbers.
         number = float(value)
         value = int(number) if int in spec.types and float not in spec.types and number.is_integer() else number
+    if isinstance(value, list) and list in spec.types:
+        # The same inside a list ([1e39, 1, 1]); a plain integer stays an int (crop sizes).
+        value = [(int(v) if re.fullmatch(r"[-+]?\d+", v.strip()) else float(v))
+                 if isinstance(v, str) and _NUMBER.fullmatch(v.strip()) else v for v in value]
     ok = any(
         (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (t is int and isinstance(value, int) and not isinstance(value, bool))
@@ -578,12 +583,33 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _numbers(node, key: str = ""):
+    """(dotted key, value) of every int and float in a config (list items as key[i])."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield key, node
+
+
 def _check_semantics(cfg: dict, where: str) -> None:
     """Checks that span keys or bound numbers; each names the key."""
 
     def fail(key, msg):
         raise ConfigError(f"{where}: '{key}' {msg}")
 
+    for key, value in _numbers(cfg):
+        # Every number ends up in float32 (the model, the optimizer's lr): one past its range would
+        # fail deep inside torch, or silently become inf.
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            fail(key, f"= {value!r} is not a finite float32 number (|x| <= {FLOAT32_MAX:.3g}), which training "
+                 "computes in")
     ds, tr, net = cfg["dataset"], cfg["trainer"], cfg["net"]
     if net["num_classes"] < 2:
         fail("net.num_classes", f"must be at least 2, got {net['num_classes']}")
@@ -613,8 +639,8 @@ def _check_semantics(cfg: dict, where: str) -> None:
     if method_check is not None:  # checks that span the method's block and others (s4mc/methods/base.py)
         method_check(cfg, fail)
     for key in ("mean", "std"):
-        if len(ds[key]) != 3:
-            fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")
+        if len(ds[key]) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ds[key]):
+            fail(f"dataset.{key}", f"must have 3 numbers (RGB), got {ds[key]}")
     for split in ("train", "val"):
         size = ds[split]["crop"]["size"]
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):

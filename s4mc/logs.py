@@ -56,10 +56,24 @@ def setup_logging(rank: int, log_file: str | Path | None = None) -> logging.Logg
     return log
 
 
+class _RunLogFile(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once on stderr, not as logging's
+    traceback for every later line; the console still shows everything."""
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename} ({getattr(error, 'strerror', None) or error}); "
+                  f"the log goes on on the console only", file=sys.stderr)
+
+
 def attach_log_file(log_file: str | Path) -> None:
     """Start writing the log to `log_file`, beginning with what was logged before it existed."""
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler = _RunLogFile(log_file, encoding="utf-8")
     handler.setFormatter(fmt)
     for early in [h for h in log.handlers if isinstance(h, _EarlyRecords)]:
         log.removeHandler(early)
@@ -319,11 +333,12 @@ def study_row(cfg: dict) -> str:
     return "s4mc_psi" if unsup["strong_aug"] else "s4mc"
 
 
-def comparison_line(study_path: str | Path, miou: float, row: str) -> str:
+def comparison_line(study_path: str | Path, miou: float, row: str, iterations: int | None = None) -> str:
     """One line setting this run's mIoU beside a study's rows at the same budget and start.
 
     The study JSON is what `benchmarks/variants.py --json` writes; a missing or unreadable file
-    gives a line that says so instead of failing a finished run.
+    gives a line that says so instead of failing a finished run. `iterations`, this run's: a study
+    whose rows record another number of iterations ran another budget, and is not set beside it.
     """
     path = Path(study_path)
     try:
@@ -332,6 +347,10 @@ def comparison_line(study_path: str | Path, miou: float, row: str) -> str:
         seeds = " ".join(map(str, study["seeds"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no comparison: cannot read the study {path} ({type(e).__name__}: {e})"
+    budgets = sorted({n for name in ("supervised", row) if name in rows for n in rows[name].get("iterations", [])})
+    if iterations is not None and budgets and budgets != [iterations]:
+        return (f"no comparison with {path.name}: this run trained {iterations} iterations, the study's rows "
+                f"{' / '.join(map(str, budgets))} (another budget; a comparison needs the study's schedule)")
 
     def cell(name):
         r = rows[name]

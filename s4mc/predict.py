@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 from .data.datasets import IMAGE_EXTS, load_image
+from .data.loaders import cap_workers
 from .data.transforms import Normalize
 from .distributed import all_gather_object
 from .errors import DataError
@@ -159,8 +160,6 @@ def predict_folder(infer: Callable[[torch.Tensor], torch.Tensor], images: str | 
     names = output_names(files)
     legend_name = LEGEND_NAME if Path(LEGEND_NAME) not in names.values() else "_" + LEGEND_NAME
     mine = shard(files, rank, world_size)
-    from s4mc.data.loaders import cap_workers
-
     loader = DataLoader(FolderImages(images, mine, mean, std, keep_rgb=overlay), batch_size=None,
                         num_workers=cap_workers(workers), collate_fn=_unbatched)
     written, skipped = [], []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import urllib.error
 from pathlib import Path
 
@@ -373,6 +374,13 @@ def test_release_checkpoint_with_numpy_scalars_loads(tmp_path):
         assert torch.equal(outputs(fresh, x)["pred"], outputs(teacher, x)["pred"])
 
 
+class RunsACommand:
+    """Pickles as a call of os.system: what a malicious checkpoint holds (never unpickled here)."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
 def test_unreadable_checkpoints_are_named_and_explained(tmp_path, monkeypatch):
     model = tiny_model()
     good = tmp_path / "good.pth"
@@ -388,8 +396,17 @@ def test_unreadable_checkpoints_are_named_and_explained(tmp_path, monkeypatch):
             msg = str(e.value)
             assert str(path) in msg and "damaged or truncated" in msg
             assert "weights_only` set to `False` will likely succeed" not in msg  # torch's advice misleads here
-    with pytest.raises(CheckpointError, match=r"foreign\.pth holds an object of type argparse\.Namespace"):
+    with pytest.raises(CheckpointError, match=r"foreign\.pth holds objects that weights-only loading refuses "
+                       r"\(argparse\.Namespace\).*may be unsafe"):
         load_checkpoint(model, foreign)
+    # A pickle that would run a shell command: torch names it as a blocked module's global.
+    malicious = tmp_path / "malicious.pth"
+    torch.save({"teacher_state": RunsACommand()}, malicious)
+    for load in (lambda p: load_checkpoint(model, p), load_training_checkpoint):
+        with pytest.raises(CheckpointError) as e:
+            load(malicious)
+        assert "weights-only loading refuses" in str(e.value) and "system" in str(e.value)
+        assert "may be unsafe" in str(e.value) and "damaged or truncated" not in str(e.value)
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 

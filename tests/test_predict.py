@@ -184,3 +184,39 @@ def test_eval_images_under_torchrun_writes_every_image_once(tmp_path, toy_checkp
     assert proc.stdout.count("wrote ") == 1  # one summary, from rank 0
     assert f"wrote {len(sizes)} predictions, skipped 1 unreadable: sub/broken.jpg" in proc.stdout
     assert len([p for p in out.rglob("*.png") if p.name != "legend.png"]) == len(sizes)
+
+
+def test_a_truncated_jpeg_is_named_in_training_and_skipped_by_images(tmp_path, toy_root, toy_cfg):
+    """libjpeg decodes a cut JPEG with a grey lower part and only warnings: it must not train or be
+    predicted silently."""
+    from s4mc.data.datasets import SegmentationDataset, build_samples
+    from s4mc.errors import DataError
+
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name in ("a", "b", "c"):
+        assert cv2.imwrite(str(tmp_path / "images" / f"{name}.jpg"), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "masks" / f"{name}.png")
+    cut = tmp_path / "images" / "b.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert cv2.imread(str(cut)) is not None  # what made it silent: cv2 decodes it
+    (tmp_path / "train.txt").write_text("a\nb\nc\n")
+    samples = build_samples("custom", tmp_path, tmp_path / "train.txt", require_masks=True,
+                            image_dir="images", mask_dir="masks")
+    dataset = SegmentationDataset(samples, num_classes=2)
+    assert dataset[0]["image"].shape[1:] == (40, 48) and dataset[2]["image"].shape[1:] == (40, 48)
+    with pytest.raises(DataError, match=rf"incomplete JPEG.*truncated.*{cut}"):
+        dataset[1]
+    # A trailer after the end-of-image marker (some cameras write one) is not a cut file.
+    trailer = tmp_path / "images" / "c.jpg"
+    trailer.write_bytes(trailer.read_bytes() + b"\0" * 100 + b"maker notes")
+    assert dataset[2]["image"].shape[1:] == (40, 48)
+
+    cfg = toy_cfg(toy_root, tmp_path, **{"dataset.mean": MEAN, "dataset.std": STD})
+    infer = configured_inference(ChannelArgmax().eval(), cfg)
+    summary = predict_folder(infer, tmp_path / "images", tmp_path / "preds", class_names=["r", "g", "b"],
+                             palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]], mean=MEAN, std=STD)
+    assert summary.written == ["a.jpg", "c.jpg"]
+    assert [s["file"] for s in summary.skipped] == ["b.jpg"] and "incomplete JPEG" in summary.skipped[0]["error"]
+    assert "skipped 1 unreadable: b.jpg" in summary.format(tmp_path / "preds")

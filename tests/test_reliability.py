@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def test_signal_at_a_random_moment_then_resume_equals_the_uninterrupted_run(
 
     monkeypatch.setattr(loop_mod, "train_step", step)
     monkeypatch.setattr(loop_mod, "evaluate_model", evaluate)
+    # What the run finds: Python's default, or SIG_IGN for SIGINT under `nohup ... &`.
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     cfg = toy_cfg(toy_root, tmp_path, **SHORT)
     with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name}.*--resume auto") as info:
         loop_mod.train(cfg, name="run")
@@ -112,13 +115,51 @@ def test_signal_at_a_random_moment_then_resume_equals_the_uninterrupted_run(
     # The summary covers the whole run, not only the part after the resume.
     assert len(final["history"]) == len(reference["latest"]["history"]) == 4
     assert summary["diagnostics"].keys() == reference["summary"]["diagnostics"].keys()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in found} == found  # the handlers the run found are restored
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()  # purge_step: what the stopped run logged after its checkpoint is not shown twice
     assert [e.step for e in events.Scalars("val/mIoU")] == [4, 8]
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+
+
+def test_ctrl_c_while_python_imports_prints_one_line(tmp_path):
+    """The Ctrl-C arrives as torch is imported (seconds on a cold start): a sitecustomize hook sends it
+    then, so the moment is the same on any machine."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "class CtrlCOnTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, CtrlCOnTorch())\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))
+    proc = subprocess.run([sys.executable, str(REPO / "train_semi.py"), "--config",
+                           str(REPO / "experiments" / "toy" / "config.yaml"), "--opts", f"output_dir={tmp_path / 'runs'}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          # Python's own Ctrl-C handling, whatever the suite was started with (nohup)
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    err = proc.stderr
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+    assert "interrupted by Ctrl-C" in err and "second Ctrl-C" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_interrupt_tests_pass_when_the_suite_starts_with_sigint_ignored(tmp_path):
+    """`nohup pytest ... &` starts Python with SIGINT ignored; the suite must not depend on that."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}",
+         str(Path(__file__)), "-k", "random_moment and step"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -150,6 +191,68 @@ def test_ctrl_c_from_a_terminal_with_loader_workers(reference, tmp_path):
     assert_same_model(reference["latest"], load(tmp_path / "run" / "checkpoints" / "latest.pth"))
 
 
+def _launch_with_workers(reference, tmp_path, workers: int):
+    """train_semi.py on the reference's config with loader workers, in its own process group (as a
+    terminal, GNU timeout or Slurm start it); returns (popen, args for the same run in-process)."""
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], workers=workers)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    args = ["--config", str(config), "--name", "run", "--device", "cpu"]
+    # The reference's thread count: a different one may round the convolutions differently.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_semi.py"), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, args
+
+
+def _stopped_at(err: str) -> int:
+    import re
+
+    found = re.search(r"stopped by SIGTERM after iteration (\d+); .*latest\.pth is saved", err)
+    assert found, err[-3000:]
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_resume_auto_finishes_exactly(reference, tmp_path):
+    """GNU timeout, Slurm and `kill -TERM -- -PGID` signal the DataLoader workers too: the run still
+    stops at a boundary with a checkpoint, and --resume auto ends equal to the uninterrupted run."""
+    proc, args = _launch_with_workers(reference, tmp_path, workers=2)
+    for line in proc.stdout:
+        if " iter 2/" in line:
+            time.sleep(random.uniform(0, 0.3))
+            os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, as `kill -TERM -- -PGID`
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    assert err.strip().count("\n") == 0, err  # one line
+    stopped = load(tmp_path / "run" / "checkpoints" / "latest.pth")
+    assert stopped["iteration"] == _stopped_at(err) and 2 <= stopped["iteration"] < 8
+    assert cli.train_main([*args, "--resume", "auto"]) == 0
+    assert_same_model(reference["latest"], load(tmp_path / "run" / "checkpoints" / "latest.pth"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the loader workers through /proc")
+def test_a_worker_dying_while_a_stop_is_pending_is_still_a_stop(reference, tmp_path):
+    """A worker can die of the signal before it ignores it (while it starts): the stop goes on."""
+    proc, _ = _launch_with_workers(reference, tmp_path, workers=1)
+    for line in proc.stdout:
+        if " iter 2/" in line:
+            os.kill(proc.pid, signal.SIGTERM)
+            workers = _children(proc.pid)
+            assert workers
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err[-3000:]
+    assert load(tmp_path / "run" / "checkpoints" / "latest.pth")["iteration"] == _stopped_at(err)
+
+
 def test_second_start_refuses_and_failed_starts_leave_no_trace(toy_root, toy_cfg, tmp_path, capsys):
     bad = toy_cfg(toy_root, tmp_path, **{"dataset.val.data_list": str(toy_root / "splits" / "nope.txt")})
     with pytest.raises(DataError):
@@ -179,6 +282,195 @@ def test_second_start_refuses_and_failed_starts_leave_no_trace(toy_root, toy_cfg
     assert "removed .latest.pth.tmp999" in (run / "train.log").read_text()
     loop_mod.train(cfg, name="run", overwrite=True)
     assert load(run / "checkpoints" / "latest.pth")["iteration"] == 2
+
+
+def test_a_damaged_latest_pth_falls_back_to_the_previous_checkpoint(reference, toy_root, toy_cfg, tmp_path, capsys):
+    """Each save keeps the one before as latest.prev.pth; --resume auto takes the newest that loads,
+    says which and what is done again, and still ends equal to the uninterrupted run."""
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT)
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.max_iters": 6}), name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert load(ckpts / "latest.pth")["iteration"] == 6 and load(ckpts / "latest.prev.pth")["iteration"] == 4
+    good_previous = (ckpts / "latest.prev.pth").read_bytes()
+    latest = ckpts / "latest.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    loop_mod.train(cfg, name="run", resume="auto")
+    out = capsys.readouterr().out
+    assert "latest.pth cannot be used" in out and "resuming from" in out and "latest.prev.pth (iteration 4)" in out
+    assert "at least 2 iterations are done again" in out
+    assert (ckpts / "latest.pth.damaged").is_file()  # kept aside, never made the previous checkpoint
+    final = load(ckpts / "latest.pth")
+    assert_same_model(reference["latest"], final)
+    assert final["best_miou"] == reference["latest"]["best_miou"]
+
+    # Garbage, empty, a wrong type, or missing: the same fallback.
+    from s4mc.engine.loop import find_resume
+
+    for damage in (b"garbage" * 10, b"", None, "tensor"):
+        folder = tmp_path / "other" / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "latest.prev.pth").write_bytes(good_previous)
+        (folder / "latest.pth").unlink(missing_ok=True)
+        if damage == "tensor":
+            torch.save(torch.zeros(3), folder / "latest.pth")
+        elif damage is not None:
+            (folder / "latest.pth").write_bytes(damage)
+        point = find_resume("auto", tmp_path / "other", cfg)
+        assert point.path.name == "latest.prev.pth" and point.checkpoint["iteration"] == 4
+        assert [p.name for p, _ in point.skipped] == ["latest.pth"]
+
+    # Nothing loads: the refusal lists why and names what works (not --resume auto again).
+    (folder / "latest.prev.pth").write_bytes(b"")
+    with pytest.raises(S4MCError) as info:
+        find_resume("auto", tmp_path / "other", cfg)
+    assert "latest.pth:" in str(info.value) and "latest.prev.pth:" in str(info.value)
+    assert "--overwrite" in str(info.value) and "Continue it with --resume auto" not in str(info.value)
+
+
+def test_with_latest_pth_missing_and_best_pth_present_every_refusal_names_a_way_on(toy_root, toy_cfg, tmp_path):
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.epochs": 1})
+    loop_mod.train(cfg, name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "latest.pth").unlink()
+    (ckpts / "latest.prev.pth").unlink(missing_ok=True)
+    for resume in ("auto", None):
+        with pytest.raises(S4MCError) as info:
+            loop_mod.train(cfg, name="run", resume=resume)
+        message = str(info.value)
+        assert "--overwrite" in message and "--name" in message, message
+        assert "Continue it with --resume auto" not in message, message  # circular: it would fail the same way
+    with pytest.raises(S4MCError, match=r"saver\.pretrain=.*best\.pth"):
+        loop_mod.train(cfg, name="run", resume="auto")
+    # The ways named work: saver.pretrain from best.pth under a new name, and --overwrite.
+    fresh = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 1, "trainer.epochs": 1, "trainer.eval_on": False,
+                                           "saver.pretrain": str(ckpts / "best.pth")})
+    loop_mod.train(fresh, name="new")
+    assert load(tmp_path / "new" / "checkpoints" / "latest.pth")["iteration"] == 1
+    loop_mod.train(cfg, name="run", overwrite=True)
+    assert load(ckpts / "latest.pth")["iteration"] == 2
+
+
+def test_best_pth_at_a_mid_epoch_stop_is_marked_as_its_iteration_and_holds_only_the_evaluated_weights(
+        reference, toy_root, toy_cfg, tmp_path):
+    """best.pth written at a mid-epoch stop (max_iters) is not marked as a finished epoch; it holds
+    the evaluated weights and the config (a third of latest.pth), so a resume from it is refused with
+    the ways on. A full best.pth from before, marked as a finished epoch, resumes exactly."""
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.max_iters": 2}), name="run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    best, latest = load(ckpts / "best.pth"), load(ckpts / "latest.pth")
+    assert best["iteration"] == latest["iteration"] == 2 and best["epoch"] == latest["epoch"] == 0
+    assert best["evaluated_weights"] == "teacher" and set(best) == {
+        "kind", "teacher_state", "format_version", "evaluated_weights", "epoch", "iteration", "semi_start",
+        "best_miou", "config", "world_size"}
+    assert (ckpts / "best.pth").stat().st_size < 0.4 * (ckpts / "latest.pth").stat().st_size
+    for name in best["teacher_state"]:
+        assert torch.equal(best["teacher_state"][name], latest["teacher_state"][name])
+    # Nothing is stored twice in latest.pth: every tensor has its own storage.
+    tensors = [*latest["model_state"].values(), *latest["teacher_state"].values(),
+               *(s["momentum_buffer"] for s in latest["optimizer_state"]["state"].values())]
+    assert len({t.untyped_storage().data_ptr() for t in tensors if t.numel()}) == sum(t.numel() > 0 for t in tensors)
+
+    cfg = toy_cfg(toy_root, tmp_path, **SHORT)
+    with pytest.raises(S4MCError, match=r"best\.pth.*--resume auto.*saver\.pretrain="):
+        loop_mod.train(cfg, name="run", resume=str(ckpts / "best.pth"))
+    # What 31ff105 wrote as best.pth at this stop: the full state, its epoch marked as done.
+    old_style = dict(latest, epoch=latest["epoch"] + 1)
+    torch.save(old_style, ckpts / "old_best.pth")
+    loop_mod.train(cfg, name="run", resume=str(ckpts / "old_best.pth"))
+    final = load(ckpts / "latest.pth")
+    assert final["iteration"] == 8
+    assert_same_model(reference["latest"], final)
+
+
+def test_a_full_disk_is_named_in_one_line_and_leaves_nothing_behind(toy_root, toy_cfg, tmp_path, monkeypatch, capsys):
+    """The disk fills during the third save: one line saying so, the temporary file removed, the
+    previous checkpoint intact and resumable."""
+    import errno
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    class FillingDisk:
+        """A file that takes 1000 bytes, then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f, self.left = f, 1000
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != 3:
+            return real_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as opened:
+                return real_save(obj, FillingDisk(opened), *args, **kwargs)
+        return real_save(obj, FillingDisk(f), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    config = tmp_path / "config.yaml"
+    dump_config(toy_cfg(toy_root, tmp_path, **SHORT, **{"trainer.save_every": 1, "trainer.eval_on": False}), config)
+    assert cli.train_main(["--config", str(config), "--name", "full"]) == 2
+    err = capsys.readouterr().err
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert err.count("\n") == 1 and err.startswith(f"error: no space left on device at {ckpts}: "), err
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert f"The last good checkpoint, {ckpts / 'latest.pth'} (iteration 2), is kept" in err
+    assert "Free at least" in err and "--resume auto" in err
+    # No temporary file. (latest.prev.pth went before the write, which keeps two checkpoints on the disk at most.)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest.pth"]
+    assert load(ckpts / "latest.pth")["iteration"] == 2
+    monkeypatch.undo()
+    assert cli.train_main(["--config", str(config), "--name", "full", "--resume", "auto"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_failed_save_with_loader_workers_ends_the_process_in_one_line(reference, tmp_path):
+    """A real write failure (a file-size limit: EFBIG) in a process with loader workers: one line,
+    no temporary file, and the process exits (workers ignore SIGTERM, which multiprocessing's
+    exit handler would send before waiting for them)."""
+    import resource
+
+    limit = (reference["run"] / "checkpoints" / "latest.pth").stat().st_size // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
+    cfg["dataset"] = dict(cfg["dataset"], workers=1)
+    config = tmp_path / "config.yaml"
+    dump_config(cfg, config)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "train_semi.py"), "--config", str(config), "--name", "run",
+                           "--device", "cpu"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=small_files)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: cannot write {ckpts / 'best.pth'}: File too large") or \
+        proc.stderr.startswith(f"error: cannot write {ckpts / 'latest.pth'}: File too large"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--resume auto" in proc.stderr
+    assert not list(ckpts.glob(".*tmp*"))
+
+
+def test_an_absolute_checkpoint_dir_works(toy_root, toy_cfg, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "ckpts"
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 2, "trainer.eval_on": False,
+                                         "saver.checkpoint_dir": str(elsewhere)})
+    loop_mod.train(cfg, name="run")
+    assert (tmp_path / "run" / "train.log").is_file() and load(elsewhere / "latest.pth")["iteration"] == 2
+    loop_mod.train(toy_cfg(toy_root, tmp_path, **{"trainer.max_iters": 3, "trainer.eval_on": False,
+                                                  "saver.checkpoint_dir": str(elsewhere)}), name="run", resume="auto")
+    assert load(elsewhere / "latest.pth")["iteration"] == 3
 
 
 @pytest.mark.parametrize("mode", ["semi", "warm-up", "supervised only"])
@@ -232,6 +524,44 @@ def test_scientific_notation_and_override_errors():
     assert cfg["trainer"]["optimizer"]["kwargs"]["lr"] == 0.02 and cfg["trainer"]["epochs"] == 10
     with pytest.raises(ConfigError, match=r"override 'trainer.epochs=ten'"):
         load_config(REPO / "experiments" / "toy" / "config.yaml", ["trainer.epochs=ten"])
+
+
+def test_a_file_listed_twice_in_a_split_is_refused_with_both_line_numbers(toy_root, toy_cfg, tmp_path):
+    listed = (toy_root / "splits" / "labeled.txt").read_text().split()
+    split = tmp_path / "labeled.txt"
+    split.write_text("\n".join([*listed, "", f"{listed[2]}  "]) + "\n")  # a blank line between, trailing blanks
+    cfg = toy_cfg(toy_root, tmp_path, **{"dataset.train.data_list": str(split),
+                                         "dataset.train.unlabeled_list": str(toy_root / "splits" / "unlabeled.txt")})
+    with pytest.raises(DataError, match=rf"{split} lists '{listed[2]}' twice, on lines 3 and {len(listed) + 2}"):
+        loop_mod.train(cfg, name="dup")
+    assert not (tmp_path / "dup").exists()
+
+
+def test_numbers_beyond_float32_are_refused_naming_the_key(capsys):
+    for opt, key in (("trainer.optimizer.kwargs.lr=1e300", "'trainer.optimizer.kwargs.lr' = 1e+300"),
+                     ("dataset.mean=[1e39, 1, 1]", "'dataset.mean[0]' = 1e+39"),
+                     ("trainer.optimizer.kwargs.weight_decay=.inf", "'trainer.optimizer.kwargs.weight_decay' = inf")):
+        with pytest.raises(ConfigError, match=re.escape(key) + " is not a finite float32 number"):
+            load_config(REPO / "experiments" / "toy" / "config.yaml", [opt])
+    assert load_config(REPO / "experiments" / "toy" / "config.yaml",
+                       ["trainer.optimizer.kwargs.lr=1e38"])["trainer"]["optimizer"]["kwargs"]["lr"] == 1e38
+    assert cli.train_main(["--config", str(REPO / "experiments" / "toy" / "config.yaml"),
+                           "--opts", "trainer.optimizer.kwargs.lr=1e300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trainer.optimizer.kwargs.lr" in err and "Traceback" not in err
+
+
+def test_a_crop_larger_than_every_image_warns_once_with_the_sizes(toy_root, toy_cfg, tmp_path, caplog):
+    from s4mc.data import build_train_loaders
+
+    with caplog.at_level("WARNING"):
+        build_train_loaders(toy_cfg(toy_root, tmp_path))  # 40 px crops of 48 px images
+    assert "larger than every training image" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_train_loaders(toy_cfg(toy_root, tmp_path, **{"dataset.train.crop.size": [64, 200]}))
+    warned = [r.getMessage() for r in caplog.records if "larger than every training image" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "[64, 200]" in warned[0] and "48x48" in warned[0] and "60x60" in warned[0] and "1.25" in warned[0]
 
 
 def test_worker_errors_print_one_clean_line(toy_root, toy_cfg, tmp_path, capsys):

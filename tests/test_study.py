@@ -296,6 +296,22 @@ def test_a_run_cut_short_is_not_compared_with_the_study(toy_root, toy_cfg, tmp_p
     assert "over supervised only" not in text
 
 
+def test_a_run_with_another_budget_is_not_compared_with_the_study(toy_root, toy_cfg, tmp_path):
+    """A whole schedule, but not the study's (its rows ran 600 iterations): no "same budget" line."""
+    from s4mc.logs import comparison_line
+
+    study = tmp_path / "study.json"
+    rows = {name: {"mean": m, "std": 0.0, "miou": [m], "iterations": [600]} for name, m in (("supervised", 50.0),
+                                                                                             ("s4mc", 60.0))}
+    study.write_text(json.dumps({"seeds": [0], "variants": rows}))
+    cfg = toy_cfg(toy_root, tmp_path, **{"trainer.epochs": 1, "evaluation.compare_with": str(study)})
+    loop.train(cfg, name="short")
+    text = (tmp_path / "short" / "train.log").read_text()
+    assert "same budget and starting point" not in text
+    assert "no comparison with study.json: this run trained 8 iterations, the study's rows 600" in text
+    assert "over supervised only" in comparison_line(study, 0.61, "s4mc", iterations=600)
+
+
 def test_mask_oracle_keeps_what_it_says():
     oracle = _benchmark("mask_oracle")
     keep = torch.tensor([True, True, False, False, True, False])

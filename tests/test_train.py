@@ -4,6 +4,7 @@ exact resume, non-finite loss handling, the LR schedule, and release-config comp
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,8 +93,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, toy_cfg, 
         return train_step(state, labeled, unlabeled, cfg)
 
     monkeypatch.setattr(loop_mod, "train_step", poisoned)
-    with pytest.raises(loop_mod.TrainingDiverged, match="non-finite at iteration 3"):
+    # The 4th step is iteration 4 in the log's numbering (from 1), and the message says so.
+    with pytest.raises(loop_mod.TrainingDiverged, match="non-finite at iteration 4;"):
         loop_mod.train(cfg, name="nan")
+    logged = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in logged)
     ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "latest.pth", weights_only=True)
     assert ckpt["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in flat_state(ckpt["model_state"]).values())

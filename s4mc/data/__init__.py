@@ -28,7 +28,7 @@ def __getattr__(name: str):
     # The toy generator loads on first use: imported eagerly, `python -m s4mc.data.toy`
     # would find its own module already loaded and warn.
     if name in ("ensure_toy", "generate_toy"):
-        from . import toy
+        from . import toy  # imported here: see the comment above
 
         return getattr(toy, name)
     raise AttributeError(f"module 's4mc.data' has no attribute {name!r}")

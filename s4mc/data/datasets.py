@@ -44,7 +44,12 @@ class Sample:
 
 
 def read_split(path: str | os.PathLike) -> list[str]:
-    """Non-empty, stripped lines of a split file (works without a final newline, CRLF too)."""
+    """Non-empty, stripped lines of a split file (works without a final newline, CRLF too).
+
+    An image listed twice is refused, naming both lines: it would train twice as often, or count
+    twice in the mIoU, while the run's header counts it twice among the images. No published list
+    has one (all 28 of U2PL's VOC and Cityscapes lists checked), so it is a slip in a hand-made
+    list, and only the user knows which line was meant."""
     p = Path(path)
     if not p.is_file():
         hint = ""
@@ -58,11 +63,18 @@ def read_split(path: str | os.PathLike) -> list[str]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read split file {p}: {e}") from e
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
+    numbered = [(number, ln.strip()) for number, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(number, ln) for number, ln in numbered if ln and not ln.startswith("#")]
+    if not numbered:
         raise DataError(f"split file is empty: {p}")
-    return lines
+    first_seen: dict[str, int] = {}
+    for number, ln in numbered:
+        image = ln.split()[0]
+        if image in first_seen:
+            raise DataError(f"{p} lists {image!r} twice, on lines {first_seen[image]} and {number}; "
+                            "delete one (an image listed twice trains twice as often and is counted twice)")
+        first_seen[image] = number
+    return [ln for _, ln in numbered]
 
 
 def default_unlabeled_list(labeled_list: str | os.PathLike) -> Path:
@@ -267,12 +279,42 @@ def build_samples(dataset_type: str, root: str | os.PathLike, split: str | os.Pa
 
 def load_image(path: str) -> np.ndarray:
     """RGB uint8 HxWx3. cv2 decodes JPEG faster than PIL; it returns None on failure."""
+    try:
+        cut = incomplete_jpeg(path)
+    except OSError:
+        cut = None  # missing or unreadable: cv2's None below names it
+    if cut is not None:
+        raise DataError(f"image is an incomplete JPEG, truncated or damaged ({cut}): {path}")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         if not os.path.isfile(path):
             raise DataError(f"image not found: {path}")
         raise DataError(f"cannot decode image (corrupt or unsupported format): {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def incomplete_jpeg(path: str) -> str | None:
+    """Why a JPEG file is incomplete, or None (also for any other format).
+
+    libjpeg decodes a cut file without an error: cv2 returns the image with its missing part filled
+    grey and only prints warnings, so it is checked before decoding. A complete JPEG ends with the end-of-image marker FF D9; checking
+    the file's last bytes costs one small read. A file without it at the end is either cut or has a
+    trailer after the marker (some cameras append data); PIL, which refuses a cut file, decides.
+    """
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 64))
+        tail = f.read()
+    if tail.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError for a cut file, others for worse
+        return str(e).split("\n")[0]
+    return None
 
 
 def load_mask(path: str, *, lut: np.ndarray | None = None) -> np.ndarray:

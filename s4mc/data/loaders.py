@@ -16,7 +16,10 @@ DistributedSampler's seed + epoch.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from s4mc.errors import ConfigError, DataError
@@ -206,10 +210,31 @@ def _stream_seed(seed: int, rank: int, stream: int) -> int:
 def worker_init_fn(worker_id: int) -> None:
     """Runs in each worker. torch/random/numpy are already seeded by the DataLoader
     from the (rank-dependent) base seed + worker id; keep cv2 single-threaded, and leave
-    Ctrl-C to the main process, which stops the run at an iteration boundary (a worker
-    killed by it would end the run with no checkpoint)."""
+    Ctrl-C and SIGTERM to the main process, which stops the run at an iteration boundary (a
+    worker killed by them would end the run with no checkpoint). A terminal's Ctrl-C, GNU
+    timeout, Slurm and `kill -TERM -- -PGID` signal every process of the group, workers included.
+
+    torch's worker loop installs a SIGTERM handler that dies unless the parent sent it; ignoring
+    SIGTERM replaces it. A worker still ends: it exits when its loader is shut down, and its
+    watchdog ends it within seconds when the main process is gone."""
     cv2.setNumThreads(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """Runs at exit before multiprocessing's own exit handler (atexit runs last-registered first;
+    torch imported multiprocessing before this module), which would SIGTERM the daemonic children,
+    the DataLoader workers, and then wait for them without a limit: they ignore SIGTERM
+    (worker_init_fn). An exception's traceback can keep a loader alive in a reference cycle;
+    collecting it lets torch shut its workers down as it does; any left are ended here."""
+    gc.collect()
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_end_workers_at_exit)
 
 
 class EpochTaggedSampler(DistributedSampler):
@@ -294,6 +319,33 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
     return loader, sampler
 
 
+def warn_if_crop_exceeds_images(cfg: dict, samples: list, checked: int = 200) -> str | None:
+    """Warn (and return the text) when the training crop is larger than every image, even at the
+    largest rand_resize scale: every crop is then partly padding. Reads the headers of up to
+    `checked` images spread over the lists (a few ms), not the pixels."""
+    train = cfg["dataset"]["train"]
+    size = train["crop"]["size"]
+    ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    scale = max(train["rand_resize"]) if train["rand_resize"] else 1.0
+    step = max(1, len(samples) // checked)
+    sizes = []
+    for sample in samples[::step][:checked]:
+        try:
+            with Image.open(sample.image) as im:
+                sizes.append((im.height, im.width))
+        except Exception:  # noqa: BLE001 - an unreadable image is the loader's error to report, by name
+            continue
+    if not sizes or any(h * scale >= ch and w * scale >= cw for h, w in sizes):
+        return None
+    h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+    text = (f"dataset.train.crop.size {[ch, cw]} is larger than every training image checked ({len(sizes)} of "
+            f"{len(samples)}; the largest is {h}x{w}, {round(h * scale)}x{round(w * scale)} at the largest rand_resize "
+            f"scale {scale:g}): every crop is partly padding (the mean colour, label {train['crop']['pad_label']}). "
+            f"Lower the crop size or raise dataset.train.rand_resize")
+    log.warning("%s", text)
+    return text
+
+
 def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                         labeled_only: bool = False, strong_views: int = 0, padding_mask: bool = False,
                         unlabeled_stream: int = _STREAM_UNLABELED) -> TrainLoaders:
@@ -306,6 +358,8 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
     """
     labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only, strong_views=strong_views,
                                               padding_mask=padding_mask)
+    if rank == 0:
+        warn_if_crop_exceeds_images(cfg, labeled.samples + (unlabeled.samples if unlabeled is not None else []))
     bs = int(cfg["dataset"]["batch_size"])
     workers = int(cfg["dataset"]["workers"])
     if unlabeled is None and cfg["trainer"]["sup_epoch_length"] == "unlabeled":

@@ -1,19 +1,27 @@
 """Training checkpoints in the U2PL/S4MC layout, written atomically, with RNG states for exact resume.
 
-A file holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch` and
+latest.pth holds `model_state` (student), `teacher_state`, `optimizer_state`, `epoch` and
 `best_miou` like the release's, plus what an exact resume needs: `iteration`,
 `semi_start`, `scaler_state`, `term_states` (each loss term's state by name) and one RNG snapshot per rank, `evaluated_weights`
 (which of the two models the run's evaluation used, eval.py's default), the resolved `config`,
 the logged `history` and, with several processes, each rank's own BN statistics (`rank_buffers`:
 the model states hold their mean over ranks, the model that was evaluated). Older files kept the
 contrastive memory bank under `memory_state`; resuming one restores it into the contrastive term.
+
+Each save of latest.pth keeps the one before as latest.prev.pth, so a damaged latest.pth is not
+the end of a run: `--resume auto` takes the newest of the two that loads. best.pth holds only
+what evaluation needs (`best_checkpoint`): the evaluated weights under their key, the config and
+the marks (epoch, iteration, best_miou); about a third of latest.pth.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,22 @@ from s4mc.errors import CheckpointError
 from s4mc.models.weights import check_state_dict, load_tensor_file
 
 FORMAT_VERSION = 1
+LATEST, PREVIOUS, BEST = "latest.pth", "latest.prev.pth", "best.pth"
+DAMAGED_SUFFIX = ".damaged"  # an unreadable latest.pth is kept aside under this suffix
+
+
+class NotResumable(CheckpointError):
+    """A checkpoint that holds no training state (best.pth); the message names what works instead."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a permission); the previous one is intact.
+
+    `remedy` is what to do about it, for the loop to put after what it kept."""
+
+    def __init__(self, message: str, remedy: str):
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def rng_snapshot(state: TrainState) -> dict:
@@ -91,6 +115,16 @@ def make_checkpoint(state: TrainState, *, epoch: int, epoch_done: bool, config: 
     }
 
 
+def best_checkpoint(payload: dict) -> dict:
+    """best.pth from a full checkpoint: the evaluated weights (under `teacher_state` or
+    `model_state`, as U2PL names them), the config and the marks; nothing a resume needs.
+    eval.py and `saver.pretrain` read it like any checkpoint."""
+    key = "teacher_state" if payload["evaluated_weights"] == "teacher" else "model_state"
+    kept = ("format_version", "evaluated_weights", "epoch", "iteration", "semi_start", "best_miou", "config",
+            "world_size")
+    return {"kind": "best", key: payload[key], **{k: payload[k] for k in kept if k in payload}}
+
+
 def nonfinite_tensors(state: TrainState) -> list[str]:
     """Names of the student's and teacher's parameters and buffers that hold NaN or inf."""
     bad = []
@@ -139,13 +173,81 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return rows
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def previous_of(path: Path) -> Path:
+    """latest.pth -> latest.prev.pth: where the checkpoint before it is kept."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a nested checkpoint dict: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception: torch's writer reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the file's own OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def save_atomic(obj: dict, path: str | os.PathLike, keep_previous: bool = False) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file.
+
+    keep_previous: the file being replaced becomes latest.prev.pth (see previous_of) by a rename
+    as atomic as the write's. The older previous file goes before the write, so the disk holds at
+    most two of them at any time, as without it. A write that fails (a full disk) removes its
+    temporary file and raises CheckpointWriteError; `path` and its previous file are untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    previous = previous_of(path)
+    if keep_previous and path.is_file():
+        previous.unlink(missing_ok=True)  # `path` becomes the previous one below
+    try:
+        # A file object, not a path: torch's writer then fails with the OSError behind it.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        error = _os_error(exc)
+        need = tensor_bytes(obj)
+        free = shutil.disk_usage(path.parent).free
+        full = error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (error is None and isinstance(exc, RuntimeError) and free < need):
+            short = max(1, math.ceil((need - free) / 1e6))
+            raise CheckpointWriteError(
+                f"no space left on device at {path.parent}: writing {path.name} needs about "
+                f"{math.ceil(need / 1e6)} MB and {free / 1e6:.0f} MB are free (the partial file is removed)",
+                f"Free at least {short} MB there and continue with --resume auto.") from None
+        if error is not None:
+            raise CheckpointWriteError(f"cannot write {path}: {error.strerror or error}",
+                                       "Fix that and continue with --resume auto.") from None
+        raise
+    if keep_previous and path.is_file():
+        os.replace(path, previous)
     os.replace(tmp, path)
+
+
+def resume_hint(path: Path) -> str:
+    """A resume that works, for an error about the checkpoint at `path`."""
+    if path.name in (LATEST, PREVIOUS):
+        return (f"--resume auto takes the newest of {LATEST} and {PREVIOUS} in {path.parent} that loads; "
+                f"--overwrite starts the run over")
+    return "--resume auto continues the run from its own latest.pth"
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
@@ -155,6 +257,12 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     ckpt = load_tensor_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a training checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    if ckpt.get("kind") == "best":
+        raise NotResumable(
+            f"{path} is a best.pth: it holds the evaluated weights ({ckpt.get('evaluated_weights')}) and the "
+            f"config, not the optimizer state and both models an exact resume needs. Continue the run with "
+            f"--resume auto (its latest.pth), or start a new run from these weights with --name NEW "
+            f"--opts saver.pretrain={path}")
     missing = [k for k in ("model_state", "teacher_state", "optimizer_state", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint: it lacks {missing}")
@@ -187,6 +295,10 @@ def restore(state: TrainState, ckpt: dict, path: str) -> None:
             term.load_state_dict(saved_terms[name])
     state.epoch = int(ckpt["epoch"])
     state.iteration = int(ckpt.get("iteration", state.epoch * state.iters_per_epoch))
+    if state.iteration < state.epoch * state.iters_per_epoch:
+        # An epoch marked done that was not: best.pth written at a mid-epoch stop (max_iters, a
+        # signal) before this was fixed. Its iteration says where the epoch really stands.
+        state.epoch = state.iteration // state.iters_per_epoch
     state.semi_start = ckpt.get("semi_start")
     state.best_miou = float(ckpt.get("best_miou", 0.0))
     rngs = ckpt.get("rng_states")

@@ -56,11 +56,21 @@ def interrupted_message(text: str) -> str:
     return text
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A deliberate second Ctrl-C: leave at once, saving nothing (the CLI says so)."""
+
+
+def worker_died(exc: BaseException) -> bool:
+    """torch's error for a DataLoader worker that exited or was killed (its only marker is the text)."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
 class StopRequest:
     def __init__(self, device: torch.device, distributed: bool):
         self.device = device
         self.distributed = distributed
         self.signum: int | None = None
+        self.worker_exited = False  # a DataLoader worker exited while the stop was pending
         self._first_at = 0.0
         self._previous: dict = {}
         self._pending = None
@@ -88,8 +98,22 @@ class StopRequest:
         if self.signum is None:
             self.signum, self._first_at = signum, now
             announce_pending_stop(signum)
+            self._defer_worker_errors()
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_WINDOW_S:
-            raise KeyboardInterrupt  # a deliberate second Ctrl-C: stop now, without saving
+            raise SecondInterrupt  # a deliberate second Ctrl-C: stop now, without saving
+
+    def _defer_worker_errors(self) -> None:
+        # torch's SIGCHLD handler raises "DataLoader worker ... killed" wherever the main process
+        # is, mid-step included, where nothing can be saved. A scheduler's signal may reach a
+        # worker before it ignores it (it is starting); once a stop is pending, such a death is
+        # only noted, and the stop goes on to the next boundary. A fetch from the dead worker
+        # still fails, at a boundary, where the loop saves (see loop.train).
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
+            self._previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
+            signal.signal(signal.SIGCHLD, self._child_exited)
+
+    def _child_exited(self, signum, frame) -> None:
+        self.worker_exited = True
 
     def agreed(self) -> bool:
         """True when this boundary is where every rank stops."""

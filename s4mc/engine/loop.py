@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +22,7 @@ from s4mc.engine import checkpoint as ckpt_io
 from s4mc.data import build_train_loaders, build_val_dataset, build_val_loader, dataset_info
 from s4mc.data.priors import resolve_prior
 from s4mc.engine.batches import build_partner_loader, epoch_batches, loader_options
-from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message
+from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message, worker_died
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
@@ -115,18 +116,73 @@ def checkpoint_dir(run_dir: Path, cfg: dict) -> Path:
     return run_dir / os.path.expanduser(cfg["saver"]["checkpoint_dir"])
 
 
-def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> Path | None:
+class ResumePoint(NamedTuple):
+    path: Path
+    checkpoint: dict
+    skipped: list  # [(path, why)]: newer checkpoints of the run that could not be used
+
+
+def _last_logged_iteration(run_dir: Path) -> int | None:
+    """The last iteration metrics.jsonl recorded: how far the run had come before its last checkpoint."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return max(int(json.loads(line)["iteration"]) for line in lines if line.strip())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _no_checkpoint_to_continue(run_dir: Path, ckpt_dir: Path, why: str) -> CheckpointError:
+    """The refusal when a run's folder holds nothing to resume from; it names what works."""
+    best = ckpt_dir / ckpt_io.BEST
+    start_from_best = (f", or start a new run from {best.name}'s weights: --name NEW --opts saver.pretrain={best}"
+                       if best.is_file() else "")
+    return CheckpointError(f"--resume auto: {why}. Start the run over with --overwrite (it deletes the "
+                           f"checkpoints), give it another --name{start_from_best}.")
+
+
+def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> ResumePoint | None:
+    """The checkpoint a run continues from, loaded.
+
+    `auto`: the newest of latest.pth and latest.prev.pth that loads (a warning in the run's log
+    names the one used and the iterations done again); none of them: a fresh start, unless the
+    folder holds other checkpoints (best.pth), which a fresh start would replace.
+    """
     if resume is None and cfg["saver"]["auto_resume"]:
         resume = "auto"
     if resume is None:
         return None
+    ckpt_dir = checkpoint_dir(run_dir, cfg)
     if resume == "auto":
-        latest = checkpoint_dir(run_dir, cfg) / "latest.pth"
-        return latest if latest.is_file() else None
+        latest = ckpt_dir / ckpt_io.LATEST
+        candidates = [latest, ckpt_io.previous_of(latest)]
+        skipped = []
+        for path in candidates:
+            if not path.is_file():
+                if path == latest and candidates[1].is_file():
+                    skipped.append((path, "it is missing"))
+                continue
+            try:
+                return ResumePoint(path, ckpt_io.load_training_checkpoint(path), skipped)
+            except CheckpointError as exc:
+                skipped.append((path, str(exc).replace(str(path), path.name)))
+        if skipped:
+            raise _no_checkpoint_to_continue(run_dir, ckpt_dir, "no checkpoint of the run loads: " + "; ".join(
+                f"{path.name}: {why}" for path, why in skipped))
+        others = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
+        if others:
+            raise _no_checkpoint_to_continue(
+                run_dir, ckpt_dir, f"{ckpt_dir} holds no {ckpt_io.LATEST} or {ckpt_io.PREVIOUS} to continue "
+                f"from, only {', '.join(others)}")
+        return None
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint file")
-    return path
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file; {ckpt_io.resume_hint(path)}")
+    try:
+        return ResumePoint(path, ckpt_io.load_training_checkpoint(path), [])
+    except ckpt_io.NotResumable:
+        raise  # best.pth: its message names the ways on
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. {ckpt_io.resume_hint(path)}") from exc
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -158,15 +214,20 @@ def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) 
 
 
 def _refuse_to_overwrite(run_dir: Path, existing: list[str]) -> S4MCError:
+    if ckpt_io.LATEST in existing or ckpt_io.PREVIOUS in existing:
+        return S4MCError(
+            f"{run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume auto, "
+            f"start it over with --overwrite, or give this run another --name."
+        )
     return S4MCError(
-        f"{run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume auto, "
-        f"start it over with --overwrite, or give this run another --name."
+        f"{run_dir} already holds a run's {', '.join(existing)} but no {ckpt_io.LATEST} to continue from. "
+        f"Start it over with --overwrite (it deletes them), or give this run another --name."
     )
 
 
 def _clear_outputs(run_dir: Path, ckpt_dir: Path) -> None:
     """--overwrite: remove the earlier run's outputs, so nothing of it is mistaken for this run's."""
-    for path in sorted(ckpt_dir.glob("*.pth")):
+    for path in sorted([*ckpt_dir.glob("*.pth"), *ckpt_dir.glob("*.pth" + ckpt_io.DAMAGED_SUFFIX)]):
         path.unlink()
     for name in ("results.json", "train.log", "metrics.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
@@ -190,7 +251,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     run_dir = Path(cfg["output_dir"]) / name
     ckpt_dir = checkpoint_dir(run_dir, cfg)
     setup_logging(dist.rank)  # console; the run's train.log joins once the run has started
-    resume_path = find_resume(resume, run_dir, cfg)
+    resume_point = find_resume(resume, run_dir, cfg)
+    resume_path = resume_point.path if resume_point is not None else None
     continuing = resume_path is not None and resume_path.resolve().parent == ckpt_dir.resolve()
     existing = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
     if existing and not continuing and not overwrite:
@@ -217,8 +279,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                                       workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
 
     state = build_state(cfg, dist, iters_per_epoch)
-    if resume_path is not None:
-        checkpoint = ckpt_io.load_training_checkpoint(resume_path)
+    if resume_point is not None:
+        checkpoint = resume_point.checkpoint
+        resume_point = resume_point._replace(checkpoint=None)
         if checkpoint.get("config") is not None:
             differences = ckpt_io.config_differences(checkpoint["config"], cfg)
             if differences:
@@ -231,17 +294,35 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         del checkpoint
 
     # The start succeeded: from here on the run directory is this run's.
+    set_aside = []
     if dist.is_main:
         if overwrite and not continuing:
             _clear_outputs(run_dir, ckpt_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)  # saver.checkpoint_dir may be elsewhere (absolute)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt_io.remove_stale_temporaries(ckpt_dir)
+        for path, _ in resume_point.skipped if resume_point is not None else ():
+            if path.is_file():
+                # Out of the way: the next save would make an unreadable latest.pth the previous one.
+                set_aside.append(path.with_name(path.name + ckpt_io.DAMAGED_SUFFIX))
+                os.replace(path, set_aside[-1])
         attach_log_file(run_dir / "train.log")
         write_run_info(run_dir, cfg, dist, argv or sys.argv)
         for path in stale:
             log.info("removed %s, left by a checkpoint write that did not finish", path.name)
     barrier()
     log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
+    if dist.is_main and resume_point is not None and resume_point.skipped:
+        reached = _last_logged_iteration(run_dir)
+        # metrics.jsonl says how far the run had come (to its last logged iteration, at least).
+        redone = (f"the run had logged iteration {reached}, so at least {reached - state.iteration} iterations "
+                  f"are done again" if reached is not None and reached > state.iteration else
+                  f"the iterations after {state.iteration} that it held are done again")
+        log.warning("--resume auto: %s; resuming from %s (iteration %d) instead: %s%s",
+                    "; ".join(f"{p.name} {why}" if why == "it is missing" else f"{p.name} cannot be used ({why})"
+                              for p, why in resume_point.skipped),
+                    resume_path, state.iteration, redone,
+                    "".join(f"; the unreadable file is kept as {p}" for p in set_aside))
     if resume_path is not None:
         log.info("resumed from %s at epoch %d, iteration %d (best mIoU %.2f)",
                  resume_path, state.epoch + 1, state.iteration, 100 * state.best_miou)
@@ -285,16 +366,19 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
         return reduced
 
-    latest_iteration = state.iteration if continuing and resume_path.name == "latest.pth" else None
+    latest_iteration = state.iteration if continuing and resume_path.name in (ckpt_io.LATEST, ckpt_io.PREVIOUS) \
+        else None
+    latest_name = resume_path.name if latest_iteration is not None else ckpt_io.LATEST
 
     def kept_note() -> str:
-        if not (ckpt_dir / "latest.pth").is_file():
+        kept = ckpt_dir / latest_name
+        if not kept.is_file():
             return "No checkpoint had been written yet."
         when = f" (iteration {latest_iteration})" if latest_iteration is not None else ""
-        return f"The last good checkpoint, {ckpt_dir / 'latest.pth'}{when}, is kept."
+        return f"The last good checkpoint, {kept}{when}, is kept."
 
     def save(filename: str, epoch: int, epoch_done: bool) -> None:
-        nonlocal latest_iteration
+        nonlocal latest_iteration, latest_name
         check_finite(state, kept_note())
         bad = ckpt_io.nonfinite_tensors(state)
         if any_rank(bool(bad), state):
@@ -304,10 +388,19 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 f"loss was finite; stopping without writing {filename}. {kept_note()}"
             )
         payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done, config=cfg)
+        failed = None
         if dist.is_main:
-            ckpt_io.save_atomic(payload, ckpt_dir / filename)
-        if filename == "latest.pth":
-            latest_iteration = state.iteration
+            try:
+                ckpt_io.save_atomic(ckpt_io.best_checkpoint(payload) if filename == ckpt_io.BEST else payload,
+                                    ckpt_dir / filename, keep_previous=filename == ckpt_io.LATEST)
+            except ckpt_io.CheckpointWriteError as exc:
+                failed = exc
+        if any_rank(failed is not None, state):  # every rank stops, none waits in a collective
+            if failed is None:
+                raise ckpt_io.CheckpointWriteError(f"rank 0 could not write {filename} (its error says why)", "")
+            raise ckpt_io.CheckpointWriteError(f"{failed}. {kept_note()} {failed.remedy}", failed.remedy)
+        if filename == ckpt_io.LATEST:
+            latest_iteration, latest_name = state.iteration, ckpt_io.LATEST
 
     stop = StopRequest(dist.device, dist.distributed).install()
 
@@ -316,8 +409,24 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
             f"Continue with --resume auto."), stop.signum or signal.SIGINT)
 
+    def stopped_by_worker_death() -> TrainingInterrupted:
+        """A DataLoader worker died while a stop was pending (the signal reached it while it was
+        starting, before it ignored it): still the requested stop, not a crash."""
+        if not stepping and not dist.distributed:
+            # Between steps: the state is whole, save it (unless this iteration is saved already).
+            if latest_iteration != state.iteration:
+                save("latest.pth", state.epoch, epoch_done=False)
+            return interrupted()
+        # Mid-step, or with several processes (the others are in a collective a save would not
+        # match): nothing consistent to save here.
+        return TrainingInterrupted(
+            f"stopped by {stop.name} during iteration {state.iteration + 1}: a DataLoader worker was killed "
+            f"before the step ended, so nothing was saved now. {kept_note()} Continue with --resume auto.",
+            stop.signum or signal.SIGINT)
+
     last_result = None
     images_since_eval = False
+    stepping = False  # inside a training step: the state is not whole
     start_time = time.perf_counter()
     try:
         for epoch in range(state.epoch, tr["epochs"]):
@@ -342,7 +451,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 # Images every image_every steps, and at least once before each evaluation.
                 state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
                     next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
+                stepping = True
                 metrics = train_step(state, *group[0], cfg) if accumulate == 1 else accumulated_step(state, group, cfg)
+                stepping = False
                 if state.visuals is not None:
                     log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
                                 cfg["dataset"]["ignore_index"], state.iteration)
@@ -386,13 +497,24 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                         if iou == iou:  # NaN marks a class absent from prediction and ground truth
                             writer.add_scalar(f"val/IoU/{cls}", 100 * iou, state.iteration)
                 if improved:
-                    save("best.pth", epoch, epoch_done=True)
+                    save(ckpt_io.BEST, epoch, epoch_done=epoch_done)
             save("latest.pth", epoch, epoch_done=epoch_done)
             if not last_epoch and stop.agreed():
                 raise interrupted()
     except TrainingInterrupted as exc:
         log_fatal_to_file(str(exc), prefix="")
         raise
+    except RuntimeError as exc:
+        if stop.signum is None or not worker_died(exc):
+            log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
+            raise
+        try:
+            stopped = stopped_by_worker_death()
+        except BaseException as inner:  # the save failed (a full disk, a non-finite model): that is the news
+            log_fatal_to_file(clean_message(inner) if isinstance(inner, S4MCError) else traceback.format_exc())
+            raise
+        log_fatal_to_file(str(stopped), prefix="")
+        raise stopped from None
     except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
         log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
         raise
@@ -420,7 +542,8 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
             log.info("no comparison with %s: this run stopped at %d of the schedule's %d iterations",
                      cfg["evaluation"]["compare_with"], state.iteration, total_iters)
         elif cfg["evaluation"]["compare_with"]:
-            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg)))
+            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg),
+                                           iterations=state.iteration))
         if dist.is_main:
             (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))

@@ -33,7 +33,7 @@ class TrainState:
     best_miou: float = 0.0
     history: list = field(default_factory=list)  # every logged window's metrics, kept across resumes
     # First iteration whose loss was not finite, kept on the device so the step never
-    # synchronises; the loop reads it when it logs or saves (-1 = none yet).
+    # synchronises; the loop reads it when it logs or saves (counted from 1 as the log counts; -1 = none yet).
     first_nonfinite: torch.Tensor | None = None
     capture_visuals: bool = False  # the loop sets it on iterations that log images
     visuals: dict | None = None

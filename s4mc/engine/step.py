@@ -75,8 +75,9 @@ def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
 
 
 def _record_nonfinite(state: TrainState, total: torch.Tensor) -> None:
-    # Recorded on the device, read by the loop when it logs: no synchronisation here.
+    # Recorded on the device, read by the loop when it logs: no synchronisation here. The step
+    # being computed is iteration `state.iteration + 1`, as the log counts (from 1).
     if state.first_nonfinite is None:
         state.first_nonfinite = torch.tensor(-1, device=total.device)
     bad = ~torch.isfinite(total.detach()) & (state.first_nonfinite < 0)
-    state.first_nonfinite = torch.where(bad, state.iteration, state.first_nonfinite)
+    state.first_nonfinite = torch.where(bad, state.iteration + 1, state.first_nonfinite)

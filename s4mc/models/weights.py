@@ -156,12 +156,15 @@ def load_tensor_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         if isinstance(e, OSError):  # the file system's fault, not the file's content
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
         text = str(e)
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", text)
+        # torch words a refused object in several ways: a global not allowed, one from a blocked
+        # module (os.system pickles as posix.system), an unexpected class.
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global|unsupported GLOBAL (\S+) whose module"
+                            r"|but got <class '([^']+)'>", text, re.IGNORECASE)
         if refused:
-            kind = refused.group(1) or refused.group(2)
+            kind = next(g for g in refused.groups() if g)
             raise CheckpointError(
-                f"{path} holds an object of type {kind}, which a weights-only load refuses because "
-                f"unpickling it could run code. If the file is from a trusted source, load it once with "
+                f"{path} holds objects that weights-only loading refuses ({kind}): unpickling them could run "
+                f"code, so the file may be unsafe. If it is from a trusted source, load it once with "
                 f"torch.load(..., weights_only=False) and re-save only its tensors, numbers and strings."
             ) from e
         # torch's own text after its advice, else its first line (the advice to retry with
