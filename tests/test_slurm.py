@@ -103,7 +103,7 @@ def test_srun_two_tasks_form_one_process_group(slurm, toy_root, tmp_path):
     """srun starts 2 tasks of train_semi.py; they are the 2 ranks of one gloo group, and the mIoU
     the run logs is what eval.py gets from its checkpoint."""
     config = tiny_config(toy_root, tmp_path, max_iters=3)
-    proc = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, str(REPO / "train_semi.py"),
+    proc = subprocess.run(["srun", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", sys.executable, str(REPO / "train_semi.py"),
                            "--config", str(config), "--name", "ddp", "--device", "cpu"],
                           env=slurm, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

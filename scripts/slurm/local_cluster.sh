@@ -13,7 +13,8 @@
 set -euo pipefail
 
 DIR=${S4MC_SLURM_DIR:-/tmp/s4mc_slurm}
-CPUS=${S4MC_SLURM_CPUS:-$(nproc)}
+# getconf, not nproc: nproc follows OMP_NUM_THREADS, which the tests set to 1
+CPUS=${S4MC_SLURM_CPUS:-$(getconf _NPROCESSORS_ONLN)}
 PORT=${S4MC_SLURM_PORT:-6817}
 NODE=$(hostname -s)
 
