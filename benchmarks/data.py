@@ -1,6 +1,7 @@
 """Training-pipeline throughput per worker process (images/s), crop 513, VOC-sized JPEGs.
 
     python benchmarks/data.py [--images 24] [--runs 5] [--crop 513]
+    python benchmarks/data.py --images 2 --runs 1 --crop 64     # smoke test: checks it runs
 
 Generates 500x375 JPEGs (smooth colour fields with shapes, so the decoder does
 realistic work) and index masks in a temporary VOC layout, then times a single
@@ -61,12 +62,12 @@ def time_pass(ds, order) -> float:
     return len(order) / (time.perf_counter() - t0)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=24, help="distinct JPEGs to generate")
     ap.add_argument("--runs", type=int, default=5, help="timed passes (median reported)")
     ap.add_argument("--crop", type=int, default=513)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(1)   # a DataLoader worker runs single-threaded
     cv2.setNumThreads(0)
     torch.manual_seed(0)

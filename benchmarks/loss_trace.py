@@ -51,7 +51,7 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def base_config(root: Path, out: Path, overrides: dict) -> dict:
+def base_config(root: Path, out: Path, overrides: dict, iterations: int = ITERATIONS) -> dict:
     data = {
         "seed": 3,
         "output_dir": str(out),
@@ -63,7 +63,7 @@ def base_config(root: Path, out: Path, overrides: dict) -> dict:
         },
         "trainer": {
             "epochs": 6, "sup_only_epoch": 0, "log_every": 1, "eval_on": False, "deterministic": True,
-            "max_iters": ITERATIONS, "optimizer": {"kwargs": {"lr": 0.01}},
+            "max_iters": iterations, "optimizer": {"kwargs": {"lr": 0.01}},
             "unsupervised": {"neighborhood_size": 8, "neighbor_prior": "none"},
         },
         "net": {
@@ -86,10 +86,10 @@ def digest(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def trace(name: str, overrides: dict, root: Path, work: Path) -> list[str]:
+def trace(name: str, overrides: dict, root: Path, work: Path, iterations: int = ITERATIONS) -> list[str]:
     from s4mc.engine.loop import train
 
-    cfg = base_config(root, work / name, overrides)
+    cfg = base_config(root, work / name, overrides, iterations)
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg, name="run", device="cpu", argv=["loss_trace", name])
     run = work / name / "run"
@@ -105,6 +105,8 @@ def trace(name: str, overrides: dict, root: Path, work: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--iters", type=int, default=ITERATIONS,
+                        help="iterations per setting (default %(default)s, as loss_trace_before.txt was made)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.INFO)
@@ -114,7 +116,7 @@ def main() -> None:
         root = Path(tmp) / "toy"
         generate_toy(root, seed=0, num_train=24, num_labeled=8, num_val=5, size=48)
         for name in args.settings:
-            for line in trace(name, SETTINGS[name], root, Path(tmp) / "runs"):
+            for line in trace(name, SETTINGS[name], root, Path(tmp) / "runs", args.iters):
                 print(line, flush=True)
 
 

@@ -116,7 +116,7 @@ def main(argv=None):
             out.backward()
         return out
 
-    loss_ours, stats = ours()
+    loss_ours, _, stats = ours()  # (loss, target, stats)
     loss_release = release()
     agree = math.isclose(float(loss_ours.detach()), float(loss_release.detach()), rel_tol=1e-4)
 

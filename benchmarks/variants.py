@@ -16,6 +16,12 @@ adds the toy's own analysis:
   unimatch        trainer.method=unimatch with its fixed threshold (trainer.unsupervised.refine=false)
   s4mc_unimatch   trainer.method=unimatch with S4MC's refinement and dynamic threshold
                   (these two are not run by default: --variants unimatch s4mc_unimatch)
+  unimatch_v2     trainer.method=unimatch_v2 on the tiny ViT + DPT (net.encoder.type=vit_tiny), AdamW,
+                  fixed threshold 0.95
+  s4mc_unimatch_v2  the same with S4MC's refinement and dynamic threshold
+                  (not run by default either: --variants unimatch_v2 s4mc_unimatch_v2). The toy has no
+                  DINOv2 weights: the ViT starts from random weights, so these rows say whether the method
+                  runs and how S4MC changes its selection, not what UniMatch V2 reaches with DINOv2.
 
 Every row starts from the config's starting point (the toy's pretrained encoder) and runs the
 config's epochs; nothing is tuned per row. "kept" is the share of valid unlabeled pixels that enter
@@ -252,8 +258,10 @@ def main(argv=None) -> int:
           f"   flipped")
     for n, r in rows.items():
         per_seed = " ".join(f"{v:6.2f}" for v in r["miou"])
-        kept = f"{r['kept']:5.1f} ({r['kept_unrefined']:5.1f})" if "kept" in r else "      -      "
-        acc = f"{r['kept_accuracy']:5.1f} ({r['kept_accuracy_unrefined']:5.1f})" if "kept" in r else "      -"
+        # A fixed-threshold row (unimatch, unimatch_v2) logs the kept share only: its selection is unrefined.
+        kept = f"{r['kept']:5.1f} ({r.get('kept_unrefined', r['kept']):5.1f})" if "kept" in r else "      -      "
+        acc = (f"{r['kept_accuracy']:5.1f} ({r.get('kept_accuracy_unrefined', r['kept_accuracy']):5.1f})"
+               if "kept_accuracy" in r else "      -")
         same = f"{r['kept_accuracy_same_share']:5.1f}" if "kept_accuracy_same_share" in r else "  -"
         flipped = f"{r['flipped']:5.2f}" if "flipped" in r else "  -"
         print(f"{n:<15}{per_seed:<26}{r['mean']:7.2f}{r['std']:6.2f}   {kept}   {acc}        {same}      {flipped}")

@@ -7,6 +7,7 @@ argument errors answer at once, without loading torch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from s4mc.errors import ConfigError, S4MCError, clean_message
+from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
 
 TRAIN_EPILOG = """
 examples:
@@ -29,6 +30,7 @@ best.pth, results.json.
 
 EVAL_EPILOG = """
 examples:
+  python eval.py --checkpoint runs/run1/checkpoints/best.pth     # the run's own config and protocol
   python eval.py --config experiments/pascal/366/config.yaml --checkpoint runs/run1/checkpoints/best.pth
   python eval.py --config C --checkpoint u2pl_ckpt.pth --weights teacher --mode center_crop
   torchrun --nproc_per_node=4 eval.py --config C --checkpoint P --mode sliding --save-dir preds --overlay
@@ -36,8 +38,11 @@ examples:
 """
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config of the run (see experiments/)")
+def _common(parser: argparse.ArgumentParser, config_help: str | None = None) -> None:
+    if config_help is None:
+        parser.add_argument("--config", required=True, help="YAML config of the run (see experiments/)")
+    else:
+        parser.add_argument("--config", default=None, help=config_help)
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. trainer.epochs=10 dataset.batch_size=2")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -80,6 +85,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from s4mc.config import load_config  # imported here: see the module docstring
     from s4mc.engine.interrupt import TrainingInterrupted
     from s4mc.engine.loop import TrainingDiverged, train
+    from s4mc.models import check_pretrained_file
 
     try:
         overrides = list(args.opts)
@@ -88,6 +94,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         name = args.name or default_run_name(args.config, cfg["seed"])
         prepare_toy_encoder(cfg)
+        check_pretrained_file(cfg["net"])
         train(cfg, name=name, resume=args.resume, device=args.device, local_rank=args.local_rank,
               argv=[sys.argv[0], *(argv if argv is not None else sys.argv[1:])], overwrite=args.overwrite,
               debug_dump=args.debug_dump)
@@ -164,13 +171,16 @@ def eval_main(argv: list[str] | None = None) -> int:
         "checkpoints and U2PL/S4MC ones (module. prefix, teacher_state/model_state).",
         epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(parser)
+    _common(parser, config_help="YAML config (see experiments/); default: the config the checkpoint was trained "
+            "with, which this project's checkpoints carry (a U2PL/S4MC release checkpoint needs --config)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint file (.pth)")
     parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
                         help="which weights of a training checkpoint to evaluate; auto (default): the ones the "
                         "run's own evaluation used (the student in warm-up and supervised-only runs), else teacher")
     parser.add_argument("--mode", choices=("whole", "center_crop", "sliding"), default=None,
-                        help="whole image (default), U2PL's centre crop, or sliding window (Cityscapes)")
+                        help="whole image, U2PL's centre crop, or sliding window (Cityscapes). Default: the "
+                        "protocol(s) training ran, the one that selects best.pth first (centre crop where "
+                        "dataset.val.crop.type is center, as in the VOC configs, with evaluation.mode beside it)")
     parser.add_argument("--scales", type=float, nargs="+", default=None, help="multi-scale inference, e.g. 0.75 1 1.25")
     parser.add_argument("--flip", action="store_true", default=None, help="add horizontally flipped inference")
     parser.add_argument("--refine", action="store_true", default=None,
@@ -209,36 +219,85 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def load_for_eval(args, overrides: list[str]):
     """Config, process group, logger, dataset info, the checkpoint's model (eval mode, on the
-    device) and the neighbour prior: what evaluation and folder prediction both start from."""
-    from s4mc.config import load_config
+    device), the neighbour prior, the weights' name and the checkpoint's record: what evaluation
+    and folder prediction both start from.
+
+    Without --config the config is the one the checkpoint carries. The model is built without
+    ImageNet weights (net.encoder.pretrained): the checkpoint holds every weight, and a run
+    must evaluate where that file is absent.
+    """
+    from s4mc.config import config_from_checkpoint, load_config
     from s4mc.data import dataset_info
     from s4mc.distributed import init_distributed
     from s4mc.logs import setup_logging
     from s4mc.models import build_model, load_checkpoint
     from s4mc.data.priors import resolve_prior
+    from s4mc.models.weights import read_checkpoint
 
-    cfg = load_config(args.config, overrides)
+    ckpt = read_checkpoint(args.checkpoint)
+    saved = ckpt.get("config")
+    if args.config is None:
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{args.checkpoint} carries no config (it was not written by this project's "
+                              f"train_semi.py, or by an older version of it); give the config with --config")
+        cfg = config_from_checkpoint(saved, overrides, source=str(args.checkpoint))
+    else:
+        cfg = load_config(args.config, overrides)
     dist = init_distributed(args.local_rank, args.device)
     log = setup_logging(dist.rank)
+    if args.config is None:
+        log.info("config: the one %s was trained with (%s)", args.checkpoint, cfg["config_file"] or "no file name")
     info = dataset_info(cfg)
-    model = build_model(cfg["net"])
-    loaded = load_checkpoint(model, args.checkpoint, which=args.weights)
+    net = copy.deepcopy(cfg["net"])
+    net["encoder"]["pretrained"] = None
+    model = build_model(net)
+    try:
+        loaded = load_checkpoint(model, args.checkpoint, which=args.weights, checkpoint=ckpt)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}{_trained_with(saved, cfg, args)}") from exc
     weights = loaded["which"]
     model.to(dist.device).eval()
     unsup = cfg["trainer"]["unsupervised"]
     prior = resolve_prior(unsup["neighbor_prior"], cfg["net"]["num_classes"], cfg["dataset"]["type"])
-    return cfg, dist, log, info, model, prior, weights
+    record = {"best_miou": loaded["best_miou"], "config": saved if isinstance(saved, dict) else None}
+    return cfg, dist, log, info, model, prior, weights, record
+
+
+# net keys that do not change which tensors a model holds or their shapes.
+_NOT_SHAPING_WEIGHTS = ("net.encoder.pretrained", "net.sync_bn", "net.ema_decay")
+
+
+def _trained_with(saved, cfg: dict, args) -> str:
+    """For a key mismatch: which config the checkpoint was trained with and how its model differs."""
+    from s4mc.config import differences
+
+    if not isinstance(saved, dict):
+        return ""
+    rows = differences(saved, cfg, prefix="net.", skip=_NOT_SHAPING_WEIGHTS)
+    origin = saved.get("config_file") or "a config without a file name"
+    text = f"\nThe checkpoint was trained with {origin}"
+    if args.config is None:
+        return text + "."
+    if not rows:
+        return text + f"; its net block equals that of {args.config}."
+    return (text + f"; its model differs from that of {args.config} in:\n  " + "\n  ".join(rows)
+            + f"\nLeave out --config to evaluate with the checkpoint's own config.")
 
 
 def run_eval(args, overrides: list[str]):
-    """Build the model and validation data from the config, load the checkpoint, evaluate."""
+    """Build the model and validation data from the config, load the checkpoint, evaluate.
+
+    Without --mode, the protocols training ran (`training_protocols`): the number that
+    selected best.pth comes first and is named, any other beside it.
+    """
     import torch
 
     from s4mc.data import build_val_dataset, build_val_loader
+    from s4mc.evaluation import evaluate_configured, format_table, protocol_name, save_prediction, training_protocols
+    from s4mc.predict import LEGEND_NAME, draw_legend
     from s4mc.runtime import resolve_amp
-    from s4mc.evaluation import evaluate_configured, format_table, save_prediction
 
-    cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
+    cfg, dist, log, info, model, prior, weights, record = load_for_eval(args, overrides)
     dataset = build_val_dataset(cfg)
     workers = cfg["dataset"]["workers"] if args.workers is None else args.workers
     loader = build_val_loader(dataset, rank=dist.rank, world_size=dist.world_size, workers=workers,
@@ -258,21 +317,51 @@ def run_eval(args, overrides: list[str]):
             save_prediction(out_dir / name, pred, info.palette, image=rgb)
 
         save_fn = write_png
+        if dist.is_main:
+            draw_legend(out_dir / LEGEND_NAME, info.class_names, info.palette)
 
-    log.info("evaluating %s (%s weights) on %d images, mode %s", args.checkpoint, weights, len(dataset),
-             cfg["evaluation"]["mode"])
-    result = evaluate_configured(model, loader, cfg, device=dist.device, prior=prior, save_fn=save_fn,
-                                 amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
-                                 distributed=dist.distributed)
+    # The run's selecting protocol is the training config's, also when --config is another file.
+    run_cfg = record["config"] or cfg
+    selecting = training_protocols(run_cfg)[0] if run_cfg["trainer"]["eval_on"] else None
+    modes = [cfg["evaluation"]["mode"]] if args.mode is not None else training_protocols(cfg)
+    log.info("evaluating %s (%s weights) on %d images: %s", args.checkpoint, weights, len(dataset),
+             ", ".join(protocol_name(cfg, m) for m in modes))
+    results = {}
+    for i, mode in enumerate(modes):
+        results[mode] = evaluate_configured(model, loader, cfg, device=dist.device, prior=prior,
+                                            save_fn=save_fn if i == 0 else None, mode=mode,
+                                            amp_dtype=resolve_amp(cfg["trainer"]["amp"], dist.device),
+                                            distributed=dist.distributed)
+    (first, result), *also = results.items()
     if dist.is_main:
         print(format_table(result, info.class_names))  # with a refined column under --refine
+        print(eval_summary(cfg, results, selecting, record["best_miou"]))
         payload = {"config": cfg["config_file"], "checkpoint": str(args.checkpoint), "weights": weights,
-                   **result.to_json()}
-        print(json.dumps({"miou": result.miou, "pixel_acc": result.pixel_acc, "images_per_s": result.images_per_s,
-                          "refined_miou": result.refined.miou if result.refined is not None else None}))
+                   "selects_best": selecting, "checkpoint_best_miou": record["best_miou"], **result.to_json(),
+                   "also": {mode: r.to_json() for mode, r in also}}
+        print(json.dumps({"miou": result.miou, "mode": first, "pixel_acc": result.pixel_acc,
+                          "images_per_s": result.images_per_s,
+                          "refined_miou": result.refined.miou if result.refined is not None else None,
+                          **{f"miou_{mode}": r.miou for mode, r in also}}))
         if args.json:
             Path(args.json).write_text(json.dumps(payload, indent=2))
     return result
+
+
+def eval_summary(cfg: dict, results: dict, selecting: str | None, best_miou: float | None) -> str:
+    """One line: each protocol's mIoU by name, the one that selects best.pth marked, and the
+    checkpoint's own record of it (best_miou) beside it."""
+    from s4mc.evaluation import protocol_name
+
+    parts = []
+    for mode, r in results.items():
+        text = f"{protocol_name(cfg, mode)} {100 * r.miou:.2f}"
+        if mode == selecting:
+            text += " (the protocol that selects best.pth"
+            # best_miou: best.pth's own score; in latest.pth the run's best so far, of other weights.
+            text += f"; the checkpoint records best mIoU {100 * best_miou:.2f})" if best_miou is not None else ")"
+        parts.append(text)
+    return "mIoU: " + "; ".join(parts)
 
 
 def run_predict(args, overrides: list[str]):
@@ -281,7 +370,7 @@ def run_predict(args, overrides: list[str]):
     from s4mc.evaluation import configured_inference
     from s4mc.predict import predict_folder
 
-    cfg, dist, log, info, model, prior, weights = load_for_eval(args, overrides)
+    cfg, dist, log, info, model, prior, weights, _ = load_for_eval(args, overrides)
     ev = cfg["evaluation"]
     if ev["mode"] == "center_crop":
         log.info("evaluation.mode center_crop: predicting whole images (the crop only serves U2PL's scoring)")

@@ -44,7 +44,7 @@ SCHEMA: dict = {
     "output_dir": _k("runs", str, path=True),
     "path_base": _k("auto", str, choices=("auto", "repo", "config")),
     "dataset": {
-        "type": _k(REQUIRED, str, choices=("pascal", "cityscapes", "custom", "toy")),
+        "type": _k(REQUIRED, str, choices=("pascal", "cityscapes", "custom", "toy", "coco", "ade20k")),
         "ignore_index": _k(255, int),
         "mean": _k([123.675, 116.28, 103.53], list),
         "std": _k([58.395, 57.12, 57.375], list),
@@ -122,12 +122,15 @@ SCHEMA: dict = {
         "reference_batch": _k(16, int),
         "head_lr_mult": _k(None, *NUM, NONE),
         "optimizer": {
-            "type": _k("SGD", str, choices=("SGD",)),
+            # adamw: UniMatch V2's optimizer (set weight_decay: 0.01, its value); momentum and
+            # nesterov are SGD's, betas AdamW's.
+            "type": _k("SGD", str, choices=("SGD", "adamw")),
             "kwargs": {
                 "lr": _k(0.001, *NUM),
                 "momentum": _k(0.9, *NUM),
                 "weight_decay": _k(0.0001, *NUM),
                 "nesterov": _k(False, bool),
+                "betas": _k([0.9, 0.999], list),
             },
             "fused": _k("auto", str, bool, choices=("auto", True, False)),
         },
@@ -176,6 +179,8 @@ SCHEMA: dict = {
                 "fpn": _k(True, bool),
                 "replace_stride_with_dilation": _k([False, True, True], list),
                 "width": _k(64, int),
+                # The stem max-pool's rounding; null: the stem's own (deep: true, torchvision: false).
+                "ceil_mode": _k(None, bool, NONE),
             },
         },
         "decoder": {
@@ -236,6 +241,7 @@ VALUE_ALIASES: dict[str, dict] = {
     # YAML 1.1 reads a bare `off` as false.
     "trainer.amp": {False: "off", None: "off"},
     "trainer.lr_scaling": {False: "none", None: "none"},
+    "trainer.optimizer.type": {"AdamW": "adamw", "sgd": "SGD"},
 }
 # Release keys that we accept and ignore, because they had no effect or are
 # implied elsewhere. A load lists those it met in one warning (better than a silent drop).
@@ -526,14 +532,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, data: dict | None = None) -> dict:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, data: dict | None = None,
+                where: str | None = None) -> dict:
     """Load, alias, override, validate and resolve one config.
 
     `path` is a YAML file (or None when `data` is given directly, as tests do).
     `overrides` are `a.b.c=value` strings, applied after aliasing and before
-    validation, so an override may also use a release key name.
+    validation, so an override may also use a release key name. `where` names the source
+    in errors when it is not `path` (a checkpoint's config, say).
     """
-    where = str(path) if path is not None else "<config>"
+    where = where or (str(path) if path is not None else "<config>")
     raw = read_yaml(path) if data is None else copy.deepcopy(data)
     raw, used_alias = _rename_aliases(raw, where)
     for item in overrides or []:
@@ -601,6 +609,9 @@ def _check_semantics(cfg: dict, where: str) -> None:
     for name, block in terms.items():
         if TERMS[name].check is not None:
             TERMS[name].check(block, lambda key, msg, name=name: fail(f"trainer.terms.{name}.{key}", msg))
+    method_check = getattr(METHODS[tr["method"]], "check_config", None)
+    if method_check is not None:  # checks that span the method's block and others (s4mc/methods/base.py)
+        method_check(cfg, fail)
     for key in ("mean", "std"):
         if len(ds[key]) != 3:
             fail(f"dataset.{key}", f"must have 3 values (RGB), got {ds[key]}")
@@ -617,6 +628,9 @@ def _check_semantics(cfg: dict, where: str) -> None:
         fail("dataset.ignore_index", f"= {ds['ignore_index']} collides with a class id (< {net['num_classes']})")
     if tr["optimizer"]["kwargs"]["lr"] <= 0:
         fail("trainer.optimizer.kwargs.lr", "must be positive")
+    betas = tr["optimizer"]["kwargs"]["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+        fail("trainer.optimizer.kwargs.betas", f"must be two numbers in [0, 1), got {betas}")
     recipe = cfg["recipe"]
     for part, size in recipe["global_batch"].items():
         if size is not None and size < 0:
@@ -629,6 +643,41 @@ def _check_semantics(cfg: dict, where: str) -> None:
     if ds["train"]["crop"]["type"] != "rand":
         fail("dataset.train.crop.type", f"= {ds['train']['crop']['type']!r}: training crops are always random "
              "(rand), as in the release; other types are not implemented")
+
+
+def config_from_checkpoint(saved: dict, overrides: list[str] | None = None, *, source: str = "checkpoint") -> dict:
+    """The resolved config a training checkpoint carries (its `config` entry), validated again
+    with `overrides` applied; errors name `source`. Its paths are absolute already; a relative
+    path in an override resolves against the repository, as in any config."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source}: its 'config' entry is a {type(saved).__name__}, not a config mapping")
+    data = {k: v for k, v in saved.items() if k != "config_file"}
+    data["path_base"] = "repo"
+    cfg = load_config(None, overrides, data=data, where=f"{source} (the config it was trained with)")
+    cfg["config_file"] = saved.get("config_file")
+    return cfg
+
+
+def differences(saved: dict, current: dict, prefix: str = "", skip: tuple = ()) -> list[str]:
+    """`key: saved value -> current value` for every key under `prefix` that differs, keys in
+    `skip` (and their sub-keys) left out."""
+    def flat(node, at=""):
+        out = {}
+        for key, value in (node or {}).items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{at}{key}."))
+            else:
+                out[f"{at}{key}"] = value
+        return out
+
+    a, b = flat(saved), flat(current)
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        if not key.startswith(prefix) or any(key == k or key.startswith(k + ".") for k in skip):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            rows.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return rows
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:

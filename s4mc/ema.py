@@ -1,5 +1,6 @@
 """EMA teacher (docs/method.md step 11): its momentum schedule and update, parameters only (BN
-buffers stay the teacher's own), and the copies that start it."""
+buffers stay the teacher's own) unless a method averages buffers too (UniMatch V2), and the
+copies that start it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
     """teacher ← τ·teacher + (1 − τ)·student, as two fused multi-tensor ops."""
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def ema_update_buffers(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """UniMatch V2 averages the buffers as well: floating ones like the parameters; integer ones
+    (BatchNorm's batch counter), which an average would truncate, are copied."""
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.is_floating_point():
+            t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
 
 
 def ema_momentum(iteration: int, semi_start: int, ema_decay: float) -> float:

@@ -426,8 +426,8 @@ def evaluate(
         confusion matrices; default when torch.distributed is initialised with more
         than one rank (each rank must then pass its own shard, see s4mc.data.build_val_loader).
     save_fn(id, pred_hw, image_chw): called per image with the prediction (uint8 when
-        C <= 256) and the (cropped, still normalised)
-        input image on the CPU.
+        C <= 256) and the still normalised input image on the CPU, both at the image's own
+        size (under center_crop, a whole-image prediction made for the purpose).
     amp_dtype: run the model under autocast with this dtype; scoring stays float32.
     pad_label: label for center_crop padding; default ignore_index (U2PL used 0).
     """
@@ -479,6 +479,7 @@ def evaluate(
                     f"image {tuple(image.shape)} and label {tuple(label.shape)} do not match "
                     f"(expected [B,3,H,W] and [B,H,W]) for image(s) {ids}"
                 )
+            full_image = image
             if mode == "center_crop":
                 image, label = _center_crop(image, label, crop, pad_label)
             prob = _predict_probs(
@@ -494,9 +495,16 @@ def evaluate(
                 pred_ref = refine_fn(prob).float().argmax(dim=1)
                 conf_ref += confusion_matrix(pred_ref, label, num_classes, ignore_index, ids)
             if save_fn is not None:
-                image_cpu = image.detach().cpu()
+                saved_pred, saved_image = pred, image
+                if mode == "center_crop":
+                    # The crop only serves U2PL's scoring; a written prediction covers the image at
+                    # its own size, so it is predicted whole (as eval.py --images does).
+                    saved_image = full_image
+                    saved_pred = _predict_probs(forward, full_image, sliding=False, crop=None,
+                                                stride_rate=stride_rate, scales=scales, flip=flip).argmax(dim=1)
+                image_cpu = saved_image.detach().cpu()
                 for b, image_id in enumerate(ids):
-                    save_fn(image_id, _to_save(pred[b], num_classes), image_cpu[b])
+                    save_fn(image_id, _to_save(saved_pred[b], num_classes), image_cpu[b])
             num_images += image.shape[0]
     finally:
         model.train(was_training)
@@ -584,6 +592,17 @@ def training_protocols(cfg: dict) -> list[str]:
     if cfg["dataset"]["val"]["crop"]["type"] == "center" and mode != "center_crop":
         return ["center_crop", mode]
     return [mode]
+
+
+def protocol_name(cfg: dict, mode: str) -> str:
+    """A mode as logs and eval.py name it: `center_crop (513×513, padding labelled 0)`, `whole`,
+    `sliding (769×769)`; the same words as the run header's evaluation line."""
+    if mode == "whole":
+        return "whole"
+    h, w = _pair(cfg["evaluation"]["crop_size"] or cfg["dataset"]["val"]["crop"]["size"], "crop_size")
+    if mode == "center_crop":
+        return f"center_crop ({h}×{w}, padding labelled {cfg['dataset']['val']['crop']['pad_label']})"
+    return f"{mode} ({h}×{w})"
 
 
 def evaluate_configured(model, loader, cfg: dict, *, device=None, amp_dtype=None, prior=None,

@@ -98,38 +98,102 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+# A line at least this often (seconds) when `log_every` iterations take longer, so a slow
+# machine shows progress within seconds of the first step and never falls silent for minutes.
+HEARTBEAT_S = 30.0
+
+
 class Progress:
     """Averages step metrics on the device and prints one line every `every` iterations.
 
     Summing stays on the device; the only host read is at print time, once per
     `every` steps, which is also when a non-finite loss is detected.
+
+    Between those lines, rank 0 alone (`main`) prints a short line after the first step and
+    then whenever `heartbeat_s` seconds pass without one (`heartbeat`): no collective, so
+    the ranks never need to agree on a clock. The ETA counts to `stop_at` (trainer.max_iters
+    when set) at the pace of the current phase: before `semi_from` (the supervised warm-up,
+    whose steps are cheaper) it is a lower bound and says so.
     """
 
-    def __init__(self, total_iters: int, images_per_iter: int, every: int, writer=None, metrics_log=None):
+    def __init__(self, total_iters: int, images_per_iter: int, every: int, writer=None, metrics_log=None, *,
+                 stop_at: int | None = None, semi_from: int | None = None, main: bool = True,
+                 heartbeat_s: float = HEARTBEAT_S, loss_parts=None):
         self.total_iters = total_iters
+        self.stop_at = stop_at if stop_at is not None else total_iters
+        self.semi_from = semi_from
         self.metrics_log = metrics_log
         self.images_per_iter = images_per_iter
         self.every = max(1, every)
         self.writer = writer
+        self.main = main
+        self.heartbeat_s = heartbeat_s
+        self.loss_parts = loss_parts  # values -> console text of the loss and its parts (a method's own)
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.window_start = time.perf_counter()
-        self.run_start = time.perf_counter()
-        self.start_iter: int | None = None
+        self.last_line = self.window_start
+        self.phase_time = self.window_start
+        self.phase_iter: int | None = None
+        self.rate: float | None = None  # seconds per step at the current phase's pace
+        self.lines = 0
 
-    def update(self, metrics: dict[str, torch.Tensor]) -> None:
+    def update(self, metrics: dict[str, torch.Tensor], iteration: int | None = None) -> None:
         for key, value in metrics.items():
             value = value.detach().double()
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.count += 1
+        if iteration is not None:
+            if self.phase_iter is None:
+                self.phase_iter = iteration - 1  # this process's first step (a fresh start or a resume)
+            if self.semi_from is not None and iteration == self.semi_from + 1:
+                # The semi phase's pace from its second step on: the first follows the warm-up's
+                # last evaluation, whose time would read as one very slow step.
+                self.phase_iter, self.phase_time = iteration, time.perf_counter()
 
     def due(self, iteration: int) -> bool:
-        return iteration % self.every == 0 or iteration == self.total_iters
+        return iteration % self.every == 0 or iteration == self.stop_at
+
+    def eta(self, iteration: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        done = iteration - (self.phase_iter if self.phase_iter is not None else iteration - self.count)
+        if done >= 1:
+            self.rate = (now - self.phase_time) / done
+        if self.rate is None:  # no step timed yet in this process
+            return "?"
+        remaining = max(self.stop_at - iteration, 0)
+        text = format_duration(self.rate * remaining)
+        if self.semi_from is not None and iteration <= self.semi_from < self.stop_at:
+            text = f"at least {text} (warm-up pace)"
+        return text
+
+    def _position(self, epoch: int, epochs: int, iteration: int) -> str:
+        text = f"epoch {epoch + 1}/{epochs} iter {iteration}/{self.total_iters} ({100.0 * iteration / self.total_iters:.1f}%)"
+        if self.stop_at < self.total_iters:
+            text += f", stops at {self.stop_at} (trainer.max_iters)"
+        return text
+
+    def heartbeat(self, *, epoch: int, epochs: int, iteration: int) -> None:
+        """Rank 0: a short line after the first step, then when `heartbeat_s` passed without one."""
+        if not self.main or self.count == 0:
+            return
+        now = time.perf_counter()
+        first = self.lines == 0 and iteration == (self.phase_iter or 0) + 1
+        per_step = (now - self.window_start) / self.count
+        if not first:
+            if now - self.last_line < self.heartbeat_s:
+                return
+            if (self.every - iteration % self.every) * per_step < self.heartbeat_s / 3:
+                return  # the full line comes soon enough
+        loss = self.sums.get("loss")
+        loss_text = f"loss {float(loss) / self.count:.4f} (rank 0, {self.count} step(s)) | " if loss is not None else ""
+        log.info("%s | %s%.2f s/step | eta %s | a full line every %d steps", self._position(epoch, epochs, iteration),
+                 loss_text, per_step, self.eta(iteration, now), self.every)
+        self.last_line = now
+        self.lines += 1
 
     def emit(self, *, epoch: int, epochs: int, iteration: int, reduce=None) -> dict[str, float]:
         """Print and log the averages since the last call; return them as floats."""
-        if self.start_iter is None:
-            self.start_iter = iteration - self.count
         means = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         if reduce is not None:
             means = reduce(means)
@@ -137,21 +201,38 @@ class Progress:
         now = time.perf_counter()
         elapsed = now - self.window_start
         values["images_per_s"] = self.count * self.images_per_iter / max(elapsed, 1e-9)
-        done = iteration - self.start_iter
-        rate = (now - self.run_start) / max(done, 1)
-        eta = rate * (self.total_iters - iteration)
         mem = ""
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             values["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             mem = f" mem {values['peak_mem_gb']:.1f}G"
-        parts = [f"loss {values.get('loss', float('nan')):.4f}", f"sup {values.get('loss_sup', float('nan')):.4f}"]
-        if "loss_unsup" in values:
-            parts.append(f"unsup {values['loss_unsup']:.4f}")
-        if "loss_contrastive" in values:
-            parts.append(f"con {values['loss_contrastive']:.4f}")
+        log.info("%s | %s | lr %.2e | %.1f img/s%s | eta %s", self._position(epoch, epochs, iteration),
+                 " ".join(self.format_parts(values)), values.get("lr", float("nan")), values["images_per_s"], mem,
+                 self.eta(iteration, now))
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"train/{key}", value, iteration)
+        if self.metrics_log is not None:
+            self.metrics_log.write("train", iteration, epoch, values)
+        self.sums, self.count, self.window_start = {}, 0, now
+        self.last_line = now
+        self.lines += 1
+        return values
+
+    def format_parts(self, values: dict[str, float]) -> list[str]:
+        """The loss, its parts and the pseudo-label diagnostics, as the console line shows them."""
+        parts = self.loss_parts(values) if self.loss_parts is not None else None
+        if parts is None:
+            parts = [f"loss {values.get('loss', float('nan')):.4f}", f"sup {values.get('loss_sup', float('nan')):.4f}"]
+            if "loss_unsup" in values:
+                parts.append(f"unsup {values['loss_unsup']:.4f}")
+            if "loss_contrastive" in values:
+                parts.append(f"con {values['loss_contrastive']:.4f}")
         if "threshold" in values:
-            parts.append(f"γ {values['threshold']:.3f}")
+            gamma = values["threshold"]
+            parts.append(f"γ {gamma:.3f}" if gamma == 0 or abs(gamma) >= 0.001 else f"γ {gamma:.1e}")
             parts.append(f"kept {100 * values['kept_fraction']:.1f}% (unrefined {100 * values['kept_fraction_unrefined']:.1f}%)")
+        elif "kept_fraction" in values:  # a fixed threshold (UniMatch alone): no γ, no refinement
+            parts.append(f"kept {100 * values['kept_fraction']:.1f}%")
         if "flipped_to_keep" in values:
             share = f" ({100 * values['flipped_fraction']:.1f}%)" if "flipped_fraction" in values else ""
             parts.append(f"refine +{values['flipped_to_keep']:.0f}/-{values['flipped_to_drop']:.0f} px{share}")
@@ -159,18 +240,7 @@ class Progress:
             same = (f", same share {100 * values['kept_accuracy_same_share']:.1f}%"
                     if "kept_accuracy_same_share" in values else "")
             parts.append(f"acc {100 * values['kept_accuracy']:.1f}% (unrefined {100 * values['kept_accuracy_unrefined']:.1f}%{same})")
-        log.info(
-            "epoch %d/%d iter %d/%d (%.1f%%) | %s | lr %.2e | %.1f img/s%s | eta %s",
-            epoch + 1, epochs, iteration, self.total_iters, 100.0 * iteration / self.total_iters,
-            " ".join(parts), values.get("lr", float("nan")), values["images_per_s"], mem, format_duration(eta),
-        )
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train/{key}", value, iteration)
-        if self.metrics_log is not None:
-            self.metrics_log.write("train", iteration, epoch, values)
-        self.sums, self.count, self.window_start = {}, 0, now
-        return values
+        return parts
 
 
 class MetricsLog:
@@ -190,9 +260,10 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("iteration", 0) <= resume_iteration]
             self.path.write_text("".join(line + "\n" for line in kept))
 
-    def write(self, kind: str, iteration: int, epoch: int, values: dict) -> None:
+    def write(self, kind: str, iteration: int, epoch: int, values: dict, labels: dict | None = None) -> None:
+        """`values` are numbers; `labels` strings kept as they are (a val record's "protocol")."""
         record = {"kind": kind, "iteration": int(iteration), "epoch": int(epoch) + 1,
-                  **{k: float(v) for k, v in values.items()}}
+                  **{k: float(v) for k, v in values.items()}, **(labels or {})}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 

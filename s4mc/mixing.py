@@ -30,6 +30,28 @@ def _half_area_box(height, width, generator):
     return y0, y0 + box_h, x0, x0 + box_w
 
 
+def _uniform(low, high, generator):
+    return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def _unimatch_box(height, width, generator, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3)):
+    """(y0, y1, x0, x1) of UniMatch's CutMix box (docs/method.md, "UniMatch release-exact", item 7):
+    area U(0.02, 0.4) of the image, aspect ratio U(0.3, 1/0.3), its corner uniform over the image,
+    redrawn (ratio and corner) until the box fits."""
+    size = _uniform(*area, generator) * height * width
+    for _ in range(10000):  # UniMatch loops without bound; its square crops fit within a few draws
+        r = _uniform(*ratio, generator)
+        box_w, box_h = int((size / r) ** 0.5), int((size * r) ** 0.5)
+        x0, y0 = _draw(0, width, generator), _draw(0, height, generator)
+        if x0 + box_w <= width and y0 + box_h <= height:
+            return y0, y0 + box_h, x0, x0 + box_w
+    raise ConfigError(f"UniMatch's CutMix box does not fit a {height}x{width} crop (aspect ratios 0.3-3.3 "
+                      f"and up to 40% of the area need a crop closer to square)")
+
+
+BOXES = {"half": _half_area_box, "unimatch": _unimatch_box}
+
+
 def _class_mask(source, generator, ignore_index):
     """Pixels of `source` [H,W] whose class is one of a random half of its classes."""
     classes = torch.unique(source)
@@ -43,8 +65,11 @@ GATES = ("batch", "sample")
 
 
 def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_label=None,
-                    partner_label=None, ignore_index=255, device=None, gate="batch"):
+                    partner_label=None, ignore_index=255, device=None, gate="batch", box="half"):
     """Sample a mix mask bool[B,H,W]; mixing happens with probability `prob`.
+
+    CutMix's `box` is "half" (half the image area, as the S4MC release) or "unimatch"
+    (UniMatch's distribution, `_unimatch_box`).
 
     `gate="batch"` flips one coin for the whole batch, as the release did: either every
     sample of the step is mixed or none is. `gate="sample"` flips one coin per sample.
@@ -60,6 +85,8 @@ def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_l
         raise ConfigError(f"mix probability must lie in [0, 1], got {prob!r}")
     if gate not in GATES:
         raise ConfigError(f"unknown mix gate {gate!r}; expected one of {', '.join(GATES)}")
+    if box not in BOXES:
+        raise ConfigError(f"unknown CutMix box {box!r}; expected one of {', '.join(BOXES)}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise ValueError(f"mixing needs a CPU torch.Generator, got {generator!r}")
     if device is None:
@@ -90,7 +117,7 @@ def sample_mix_mask(batch, height, width, *, mode, prob=0.5, generator, pseudo_l
         if mode == "classmix":
             chosen = _class_mask(source[i], generator, ignore_index).to(device)
         else:
-            y0, y1, x0, x1 = _half_area_box(height, width, generator)
+            y0, y1, x0, x1 = BOXES[box](height, width, generator)
         if not mixed[i]:
             continue
         if mode == "classmix":

@@ -49,7 +49,20 @@ def load_run(run_dir: str | Path) -> dict:
         except json.JSONDecodeError as e:
             raise S4MCError(f"{path}, line {number}: not JSON ({e.msg})") from None
         (val if record.get("kind") == "val" else train).append(record)
-    return {"name": run_dir.name, "train": train, "val": val}
+    return {"name": run_dir.name, "train": train, "val": val, "protocol": selecting_protocol(run_dir, val)}
+
+
+def selecting_protocol(run_dir: Path, val: list[dict]) -> str | None:
+    """The evaluation mode of the run's "miou" (the one that selects best.pth): from the val
+    records, or for a run written before they carried it, its environment.json's header facts."""
+    for record in val:
+        if record.get("protocol"):
+            return record["protocol"]
+    try:
+        facts = json.loads((run_dir / "environment.json").read_text(encoding="utf-8"))["protocol"]["evaluation"]
+        return next(e["mode"] for e in facts if e.get("selects_best"))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -85,6 +98,13 @@ def draw_quantity_quality(ax_kept, ax_acc, curves: dict[str, list[dict]], colour
             ax.legend(fontsize=7)
 
 
+def axis_label(protocols: set[str]) -> str:
+    """The mIoU axis's name, with the evaluation protocol when all runs share one."""
+    if len(protocols) == 1:
+        return f"validation mIoU (%), {next(iter(protocols))} (selects best.pth)"
+    return "validation mIoU (%), each run's selecting protocol"
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     """One PNG: mIoU over training, kept fraction, kept accuracy, one colour per run."""
     plt = pyplot()
@@ -93,11 +113,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     if len(set(names)) < len(names):  # same folder name under different parents
         names = [str(Path(d)) for d in run_dirs]
     fig, (ax_miou, ax_kept, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5))
+    protocols = {run["protocol"] or "protocol not recorded" for run in runs}
     for i, (name, run) in enumerate(zip(names, runs)):
         x, y = series(run["val"], "miou")
-        ax_miou.plot(x, [100 * v for v in y], marker="o", color=f"C{i}", label=name)
+        label = name if len(protocols) == 1 else f"{name} ({run['protocol'] or 'protocol not recorded'})"
+        ax_miou.plot(x, [100 * v for v in y], marker="o", color=f"C{i}", label=label)
     ax_miou.set_xlabel("iteration")
-    ax_miou.set_ylabel("validation mIoU (%)")
+    # The protocol that selects best.pth (centre crop on VOC, whole image or sliding window elsewhere).
+    ax_miou.set_ylabel(axis_label(protocols))
     ax_miou.grid(alpha=0.3)
     ax_miou.legend(fontsize=7)
     draw_quantity_quality(ax_kept, ax_acc, {n: r["train"] for n, r in zip(names, runs)})

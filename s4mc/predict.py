@@ -159,8 +159,10 @@ def predict_folder(infer: Callable[[torch.Tensor], torch.Tensor], images: str | 
     names = output_names(files)
     legend_name = LEGEND_NAME if Path(LEGEND_NAME) not in names.values() else "_" + LEGEND_NAME
     mine = shard(files, rank, world_size)
+    from s4mc.data.loaders import cap_workers
+
     loader = DataLoader(FolderImages(images, mine, mean, std, keep_rgb=overlay), batch_size=None,
-                        num_workers=workers, collate_fn=_unbatched)
+                        num_workers=cap_workers(workers), collate_fn=_unbatched)
     written, skipped = [], []
     start = time.perf_counter()
     for item in loader:

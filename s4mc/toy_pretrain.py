@@ -126,13 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(DEFAULT_DIR), help="folder for the pool and encoder.pth "
                         "(default: %(default)s, where net.encoder.pretrained: toy looks)")
     parser.add_argument("--force", action="store_true", help="rebuild even if encoder.pth exists")
+    # Off-recipe sizes, for a quick check that the command runs (tests/test_tools_smoke.py).
+    parser.add_argument("--pool-images", type=int, default=RECIPE["pool_images"],
+                        help="pool size (default: the recipe's %(default)s)")
+    parser.add_argument("--epochs", type=int, default=RECIPE["epochs"], help="(default: the recipe's %(default)s)")
+    parser.add_argument("--size", type=int, default=128, help="pool image side in px (default: %(default)s)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of the toy config, e.g. net.encoder.kwargs.width=8")
     args = parser.parse_args(argv)
+    off_recipe = (args.pool_images, args.epochs, args.size, args.opts) != (RECIPE["pool_images"], RECIPE["epochs"], 128, [])
+    if off_recipe and Path(args.out_dir).resolve() == DEFAULT_DIR.resolve():
+        # every run with net.encoder.pretrained: toy would load it without a word
+        parser.error(f"--pool-images/--epochs/--size/--opts build an off-recipe encoder: give --out-dir other than {DEFAULT_DIR}")
     path = encoder_path(args.out_dir)
     if path.is_file() and not args.force:
         print(f"{path} exists (pass --force to rebuild)")
         return 0
     started = time.perf_counter()
-    out = pretrain_encoder(args.out_dir)
+    out = pretrain_encoder(args.out_dir, pool_images=args.pool_images, epochs=args.epochs, size=args.size,
+                           extra=args.opts)
     info = json.loads((Path(args.out_dir) / "encoder.json").read_text())
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s (pool validation mIoU "
           f"{100 * (info['pool_val_miou'] or 0):.2f})")

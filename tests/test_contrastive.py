@@ -1,4 +1,4 @@
-"""Tests for s4mc.contrastive (U2PL's contrastive memory-bank term, docs/method.md step 9)."""
+"""Tests for s4mc.terms.contrastive_loss (U2PL's contrastive memory-bank term, docs/method.md step 9)."""
 
 import math
 

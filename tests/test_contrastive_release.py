@@ -1,4 +1,4 @@
-"""`release_exact` in s4mc.contrastive: each of the four U2PL behaviours the S4MC release
+"""`release_exact` in s4mc.terms.contrastive_loss: each of the four U2PL behaviours the S4MC release
 computed with, in both modes, on inputs small enough to write the expected masks,
 banks and losses down by hand (docs/method.md, step 9)."""
 

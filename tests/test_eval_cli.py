@@ -45,8 +45,8 @@ def test_u2pl_layout_checkpoint_evaluates_and_saves(setup, tmp_path, capsys):
     result = json.loads(out_json.read_text())
     assert result["num_images"] == 5 and 0.0 <= result["miou"] <= 1.0
     assert result["refined"] is not None
-    pngs = sorted(p for p in preds.glob("*.png") if not p.name.endswith("_overlay.png"))
-    assert len(pngs) == 5
+    pngs = sorted(p for p in preds.glob("*.png") if not p.name.endswith("_overlay.png") and p.name != "legend.png")
+    assert len(pngs) == 5 and (preds / "legend.png").is_file()  # the class colours, with every --save-dir
     assert Image.open(pngs[0]).mode == "P"
     assert len(list(preds.glob("*_overlay.png"))) == 5
 

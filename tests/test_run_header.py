@@ -64,7 +64,11 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     # 12 unlabeled images / (2 per process × 1 process) = 6 steps per epoch, 80 epochs.
     assert lines["schedule"].startswith("80 epochs (1 supervised-only) × 6 optimizer steps = 480 steps")
     assert "stops at 1" in lines["schedule"]
-    assert lines["evaluation"] == "whole image, single scale, every 1 epoch(s); selects best.pth"
+    # The VOC configs select best.pth by U2PL's centre crop (dataset.val.crop.type: center), not by
+    # evaluation.mode, which is logged beside it.
+    assert lines["evaluation"] == ("center_crop (centre crop 513×513, padding labelled 0, single scale) every 1 "
+                                   "epoch(s), selects best.pth; logged beside it: whole (whole image, single scale)")
+    assert lines["start"] == "random: no pretrained weights (resnet_tiny encoder)"
     assert lines["precision"] == "amp off, channels_last off, compile off"
     assert lines["target"] == ("75.41 mIoU (S4MC paper (arXiv 2308.13900), PASCAL VOC classic table, "
                                "S4MC + CutMix-Seg, 366 labels)")
@@ -86,14 +90,16 @@ def test_header_on_a_voc_config_with_a_fake_data_root(tmp_path, capsys):
     assert facts["lr"]["groups"] == pytest.approx({"backbone": 0.001, "head": 0.01})
     assert facts["schedule"]["optimizer_steps_per_epoch"] == 6
     assert facts["schedule"]["optimizer_steps_total"] == 1
-    assert facts["evaluation"][0]["mode"] == "whole" and facts["evaluation"][0]["selects_best"]
+    assert [(e["mode"], e["selects_best"]) for e in facts["evaluation"]] == [("center_crop", True), ("whole", False)]
+    results = json.loads((tmp_path / "runs" / "voc" / "results.json").read_text())
+    assert results["selected_by"] == "center_crop" and results["final"]["mode"] == "center_crop"
     assert facts["target"]["published_miou"] == 75.41
     assert facts["batch"]["warning"] in warnings[0]
     assert format_run_header(facts) in block  # the stored facts give back the logged block
 
     # The preview (no images, no run) states the same protocol as the run did.
     preview = preview_run_header(load_config(REPO / "experiments/pascal/366/config.yaml", opts), 1, "cpu")
-    for key in ("batch", "lr", "schedule", "method", "evaluation", "precision", "target"):
+    for key in ("batch", "lr", "schedule", "method", "start", "evaluation", "precision", "target"):
         assert preview[key] == facts[key], key
     assert (preview["dataset"]["labeled_images"], preview["dataset"]["unlabeled_images"]) == (4, 12)
 
@@ -112,7 +118,7 @@ def test_header_states_scaled_lr_world_size_and_accumulation(toy_root, toy_cfg, 
     assert facts["schedule"]["optimizer_steps_per_epoch"] == 5
     text = format_run_header(facts)
     assert "× 2 process(es) × accumulate 2 = global 8 + 8\n" in text  # the toy config states no recipe batch
-    assert "sliding window 24×24, single scale, flip" in text
+    assert "sliding (sliding window 24×24, single scale, flip)" in text
     assert "amp bfloat16, channels_last on, compile off" in text
     assert "no published number (recipe.published_miou not set in the config)" in text
 

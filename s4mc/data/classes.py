@@ -36,6 +36,61 @@ CITYSCAPES_ID_TO_TRAINID = {
 }
 
 
+# MS COCO as UniMatch's prepared masks hold it (81 classes): 0 is background, 1..80 are the 80
+# annotated thing categories in increasing COCO category id, 255 is ignore. COCO numbers its
+# categories 1..91 but annotates only 80 of them; the eleven ids without annotations (12 street
+# sign, 26 hat, 29 shoe, 30 eye glasses, 45 plate, 66 mirror, 68 window, 69 desk, 71 door, 83
+# blender, 91 hair brush) have no class. Category id COCO_CATEGORY_IDS[i] is class i + 1;
+# data/README.md prints the whole table.
+COCO_CATEGORY_IDS = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+    22, 23, 24, 25, 27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
+    46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65,
+    67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+]
+COCO_UNANNOTATED_IDS = [12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91]
+
+COCO_CLASSES = [
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+]
+
+# COCO category id -> class index (background 0 -> 0).
+COCO_ID_TO_CLASS = {0: 0, **{cid: i + 1 for i, cid in enumerate(COCO_CATEGORY_IDS)}}
+
+# ADE20K (SceneParsing, ADEChallengeData2016), 150 classes. The annotation PNGs hold 0 for
+# "other" (no class) and 1..150 for these; training uses class = value - 1 and ignores 0, as
+# UniMatch V2 does (datasets.ade20k_lut).
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+]
+
+
 def voc_palette(n: int = 256) -> list[list[int]]:
     """The PASCAL VOC colour map: class index bits spread over the high bits of R, G, B.
 
@@ -57,9 +112,13 @@ def voc_palette(n: int = 256) -> list[list[int]]:
 
 PASCAL_PALETTE = voc_palette(21)
 TOY_PALETTE = voc_palette(len(TOY_CLASSES))
+COCO_PALETTE = voc_palette(len(COCO_CLASSES))
+ADE20K_PALETTE = voc_palette(len(ADE20K_CLASSES))
 
 BUILTIN = {
     "pascal": (PASCAL_CLASSES, PASCAL_PALETTE),
     "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
     "toy": (TOY_CLASSES, TOY_PALETTE),
+    "coco": (COCO_CLASSES, COCO_PALETTE),
+    "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
 }

@@ -1,4 +1,4 @@
-"""Dataset layouts (PASCAL VOC, Cityscapes, custom folders, toy) and file loading.
+"""Dataset layouts (PASCAL VOC, Cityscapes, COCO, ADE20K, custom folders, toy) and file loading.
 
 A split file is turned into a list of `Sample`s (id, image path, mask path or None)
 up front, so a missing image is reported when the run starts, naming the file, and
@@ -22,13 +22,13 @@ from PIL import Image
 
 from s4mc.errors import DataError
 
-from .classes import CITYSCAPES_ID_TO_TRAINID
+from .classes import ADE20K_CLASSES, CITYSCAPES_ID_TO_TRAINID
 
 # cv2 spawns its own thread pool per process; inside DataLoader workers that
 # oversubscribes the CPU (workers x cores threads), so keep it single-threaded.
 cv2.setNumThreads(0)
 
-DATASET_TYPES = ("pascal", "cityscapes", "custom", "toy")
+DATASET_TYPES = ("pascal", "cityscapes", "custom", "toy", "coco", "ade20k")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -38,14 +38,21 @@ class Sample:
     image: str
     mask: str | None  # None: no ground truth (label becomes all-ignore)
     cityscapes_label_ids: bool = False  # mask holds the 34 official ids, not trainIds
+    # How the stored values become class indices beyond that: None (as stored), "coco" (as stored,
+    # UniMatch's 0..80; range errors then name COCO's ids), "ade20k" (0 -> ignore, v -> v - 1).
+    label_map: str | None = None
 
 
 def read_split(path: str | os.PathLike) -> list[str]:
     """Non-empty, stripped lines of a split file (works without a final newline, CRLF too)."""
     p = Path(path)
     if not p.is_file():
-        hint = ("; fetch the U2PL/S4MC lists with `python -m s4mc.data.splits fetch`"
-                if "splits" in p.parts and ("pascal" in p.parts or "cityscapes" in p.parts) else "")
+        hint = ""
+        if "splits" in p.parts and ("pascal" in p.parts or "cityscapes" in p.parts):
+            hint = "; fetch the U2PL/S4MC lists with `python -m s4mc.data.splits fetch`"
+        elif "splits" in p.parts and ("coco" in p.parts or "ade20k" in p.parts):
+            hint = ("; UniMatch's COCO / UniMatch V2's ADE20K lists are placed by hand "
+                    "(data/README.md, \"Split lists\")")
         raise DataError(f"split file not found: {p}{hint}")
     try:
         text = p.read_text(encoding="utf-8")
@@ -75,6 +82,29 @@ def cityscapes_lut(ignore_index: int = 255) -> np.ndarray:
     for label_id, train_id in CITYSCAPES_ID_TO_TRAINID.items():
         lut[label_id] = train_id
     return lut
+
+
+def ade20k_lut(ignore_index: int = 255) -> np.ndarray:
+    """256-entry lookup table for ADE20K's official annotations: 0 ("other") -> ignore, v -> v - 1.
+
+    Entries above 150 are never used: `map_ade20k` refuses such masks before looking them up.
+    """
+    lut = (np.arange(256, dtype=np.int64) - 1).clip(0, 255).astype(np.uint8)
+    lut[0] = ignore_index
+    return lut
+
+
+def map_ade20k(raw: np.ndarray, ignore_index: int, path: str) -> np.ndarray:
+    """An official ADE20K annotation (0..150) as class indices (0..149, `ignore_index`)."""
+    n = len(ADE20K_CLASSES)
+    if raw.size and int(raw.max()) > n:
+        vals = np.unique(raw[raw > n])[:10].tolist()
+        raise DataError(
+            f"ADE20K annotation has values {vals} above {n}: {path}. dataset.type ade20k reads the "
+            f"official annotations (0 = other, 1..{n} = the classes) and shifts them itself; a mask that "
+            f"is already shifted (0..{n - 1}, 255 = ignore) would be shifted twice. Use the annotations of "
+            f"ADEChallengeData2016.zip (data/README.md)")
+    return ade20k_lut(ignore_index)[raw]
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +160,33 @@ def _cityscapes_samples(root: Path, lines: Sequence[str], split: Path) -> list[S
             out.append(Sample(stem, str(img), str(label_ids), cityscapes_label_ids=True))
         else:
             out.append(Sample(stem, str(img), None))
+    return out
+
+
+# One-path lines of the two-path layouts: the image's folder and where its mask is.
+_PAIRED_MASKS = {
+    # UniMatch: train2017/<id>.jpg and val2017/<id>.jpg, every mask in masks/<id>.png
+    "coco": lambda rel: Path("masks") / (Path(rel).stem + ".png"),
+    # ADEChallengeData2016: images/<split>/<name>.jpg, annotations/<split>/<name>.png
+    "ade20k": lambda rel: Path("annotations", *Path(rel).parts[1:-1]) / (Path(rel).stem + ".png"),
+}
+_PAIRED_IMAGE_DIRS = {"coco": ("train2017", "val2017"), "ade20k": ("images",)}
+
+
+def _paired_samples(root: Path, lines: Sequence[str], split: Path, kind: str) -> list[Sample]:
+    """COCO / ADE20K lines as UniMatch writes them, `image mask` relative to the root; a line with
+    the image alone takes its mask from the layout (`_PAIRED_MASKS`)."""
+    out = []
+    for line in lines:
+        tokens = line.split()
+        rel = tokens[0]
+        if Path(rel).parts[0] not in _PAIRED_IMAGE_DIRS[kind]:
+            raise DataError(
+                f"{split}: {kind} split lines start with an image path under "
+                f"{' or '.join(d + '/' for d in _PAIRED_IMAGE_DIRS[kind])} (data/README.md), got {line!r}")
+        mask = root / (tokens[1] if len(tokens) >= 2 else _PAIRED_MASKS[kind](rel))
+        out.append(Sample(Path(rel).stem, str(root / rel), str(mask) if mask.is_file() else None,
+                          label_map=kind))
     return out
 
 
@@ -192,6 +249,8 @@ def build_samples(dataset_type: str, root: str | os.PathLike, split: str | os.Pa
         samples = _voc_samples(r, lines, ".png", split)
     elif dataset_type == "cityscapes":
         samples = _cityscapes_samples(r, lines, split)
+    elif dataset_type in _PAIRED_MASKS:
+        samples = _paired_samples(r, lines, split, dataset_type)
     else:
         samples = _custom_samples(r, lines, split, image_dir, mask_dir, image_suffix, mask_suffix)
     for s in samples:
@@ -240,7 +299,15 @@ def load_mask(path: str, *, lut: np.ndarray | None = None) -> np.ndarray:
     return arr
 
 
-def check_label_range(label: np.ndarray, num_classes: int, ignore_index: int, path: str) -> None:
+_RANGE_HINTS = {
+    None: "wrong num_classes, an RGB/colour mask, or Cityscapes labelIds?",
+    "coco": "COCO category ids (1..90) instead of UniMatch's class indices 0..80? "
+            "convert them with python -m s4mc.data.coco",
+}
+
+
+def check_label_range(label: np.ndarray, num_classes: int, ignore_index: int, path: str,
+                      label_map: str | None = None) -> None:
     """Cheap: one max (and, only when it exceeds C, a unique over the offending pixels)."""
     if label.size == 0:
         return
@@ -252,7 +319,7 @@ def check_label_range(label: np.ndarray, num_classes: int, ignore_index: int, pa
         vals = np.unique(label[bad])[:10].tolist()
         raise DataError(
             f"mask has values {vals} outside [0, {num_classes}) and not the ignore index "
-            f"{ignore_index}: {path} (wrong num_classes, an RGB/colour mask, or Cityscapes labelIds?)"
+            f"{ignore_index}: {path} ({_RANGE_HINTS.get(label_map, _RANGE_HINTS[None])})"
         )
 
 
@@ -286,12 +353,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
             label = np.full(image.shape[:2], self.ignore_index, dtype=np.uint8)
             return image, label
         label = load_mask(s.mask, lut=self._cs_lut if s.cityscapes_label_ids else None)
+        if s.label_map == "ade20k":
+            label = map_ade20k(label, self.ignore_index, s.mask)
         if label.shape != image.shape[:2]:
             raise DataError(
                 f"mask size {label.shape[1]}x{label.shape[0]} differs from image size "
                 f"{image.shape[1]}x{image.shape[0]}: mask {s.mask}, image {s.image}"
             )
-        check_label_range(label, self.num_classes, self.ignore_index, s.mask)
+        check_label_range(label, self.num_classes, self.ignore_index, s.mask, s.label_map)
         return image, label
 
     def __getitem__(self, index: int) -> dict:

@@ -37,6 +37,8 @@ from .transforms import EvalTransform, StrongPhotometric, TrainTransform
 log = logging.getLogger(__name__)
 
 _STREAM_LABELED, _STREAM_UNLABELED = 0, 1
+# A second pass over the unlabeled set in the unlabeled pass's order, augmented afresh (UniMatch's mix batch).
+STREAM_MIX = 2
 
 
 class TrainLoaders(NamedTuple):
@@ -136,7 +138,7 @@ def _maybe_make_toy(cfg: dict, root: str, root_key: str) -> None:
     )
 
 
-def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
+def _train_transform(cfg: dict, strong_views: int, padding_mask: bool = False) -> TrainTransform:
     crop = cfg["dataset"]["train"]["crop"]
     size = crop.get("size", [513, 513])
     if isinstance(size, int):
@@ -150,14 +152,30 @@ def _train_transform(cfg: dict, strong_views: int) -> TrainTransform:
         pad_label=int(crop["pad_label"]),
         strong=StrongPhotometric.from_cfg(cfg["dataset"]["train"]["strong_aug"]) if strong_views else None,
         strong_views=max(strong_views, 1),
+        padding_mask=padding_mask,
     )
 
 
-def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views: int = 0):
+def check_n_sup(cfg: dict, labeled_list, count: int) -> None:
+    """dataset.n_sup, when set, must be the labeled list's length (training and the header preview alike).
+
+    The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
+    almost always the wrong split file, so it is an error rather than a silent resample.
+    """
+    n_sup = cfg["dataset"]["n_sup"]
+    if n_sup is not None and n_sup != count:
+        raise ConfigError(f"dataset.n_sup = {n_sup} but {labeled_list} lists {count} labeled images; point "
+                          "dataset.train.data_list at the split with that many images (python -m s4mc.data.splits "
+                          "make), or drop the check with --opts dataset.n_sup=null")
+
+
+def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views: int = 0,
+                         padding_mask: bool = False):
     """(labeled dataset, unlabeled dataset or None), not repeated, with train transforms.
 
     strong_views: how many strong photometric views of each unlabeled image the training
-    method asks for (its `strong_views(cfg)`: 0, 1 or 2).
+    method asks for (its `strong_views(cfg)`: 0, 1 or 2). padding_mask: unlabeled items also
+    carry "padding", true on the crop's padded border.
     """
     info = dataset_info(cfg)
     root = str(_require(cfg, "dataset.train.data_root"))
@@ -166,13 +184,7 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views:
     labeled_list = str(_require(cfg, "dataset.train.data_list"))
     weak = _train_transform(cfg, strong_views=0)
     labeled_samples = _samples(cfg, root, labeled_list, True, root_key)
-    n_sup = cfg["dataset"]["n_sup"]
-    if n_sup is not None and n_sup != len(labeled_samples):
-        # The release drew a random n_sup-subset of (or repeated) the list; a mismatch here is
-        # almost always the wrong split file, so it is an error rather than a silent resample.
-        raise ConfigError(f"dataset.n_sup = {n_sup} but {labeled_list} lists {len(labeled_samples)} labeled "
-                          "images; point dataset.train.data_list at the split with that many images "
-                          "(python -m s4mc.data.splits make), or drop dataset.n_sup")
+    check_n_sup(cfg, labeled_list, len(labeled_samples))
     labeled = SegmentationDataset(labeled_samples, num_classes=info.num_classes,
                                   ignore_index=info.ignore_index, transform=weak)
     if labeled_only:
@@ -181,7 +193,8 @@ def build_train_datasets(cfg: dict, *, labeled_only: bool = False, strong_views:
     strong = strong_views
     unlabeled = SegmentationDataset(_samples(cfg, root, unl_list, False, root_key), num_classes=info.num_classes,
                                     ignore_index=info.ignore_index,
-                                    transform=_train_transform(cfg, strong_views=strong) if strong else weak)
+                                    transform=(_train_transform(cfg, strong_views=strong, padding_mask=padding_mask)
+                                               if strong or padding_mask else weak))
     return labeled, unlabeled
 
 
@@ -236,6 +249,30 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it): the count above which
+    torch warns about DataLoader workers."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+
+_capped_told: set[tuple[int, int]] = set()
+
+
+def cap_workers(workers: int) -> int:
+    """dataset.workers, at most the usable CPUs: more workers than CPUs only compete for them
+    (torch warns), and items are seeded by index, not by worker, so the count changes no number."""
+    cpus = usable_cpus()
+    if workers <= cpus:
+        return workers
+    if (workers, cpus) not in _capped_told:
+        _capped_told.add((workers, cpus))
+        log.info("dataset.workers %d capped at %d, the CPUs this process may use", workers, cpus)
+    return cpus
+
+
 def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, stream: int = 0, shuffle: bool = True, drop_last: bool = True):
     """(DataLoader, DistributedSampler) with the seeding scheme described in the module doc."""
@@ -246,6 +283,7 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
     sampler = EpochTaggedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                  seed=int(seed), drop_last=False)
     dataset = SeededDataset(dataset, seed, stream)
+    workers = cap_workers(workers)
     gen = torch.Generator()
     gen.manual_seed(_stream_seed(seed, rank, stream))
     loader = DataLoader(
@@ -257,13 +295,17 @@ def build_loader(dataset, *, batch_size: int, workers: int, rank: int = 0, world
 
 
 def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                        labeled_only: bool = False, strong_views: int = 0) -> TrainLoaders:
+                        labeled_only: bool = False, strong_views: int = 0, padding_mask: bool = False,
+                        unlabeled_stream: int = _STREAM_UNLABELED) -> TrainLoaders:
     """Labeled and unlabeled training loaders (per-GPU batch dataset.batch_size each).
 
     labeled_only=True (supervised baseline): the labeled set is not repeated and
-    `unlabeled` is None. strong_views: as `build_train_datasets`.
+    `unlabeled` is None. strong_views, padding_mask: as `build_train_datasets`.
+    unlabeled_stream: the augmentation stream of the unlabeled pass; `STREAM_MIX` with the
+    same seed gives the same images in the same order, augmented independently.
     """
-    labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only, strong_views=strong_views)
+    labeled, unlabeled = build_train_datasets(cfg, labeled_only=labeled_only, strong_views=strong_views,
+                                              padding_mask=padding_mask)
     bs = int(cfg["dataset"]["batch_size"])
     workers = int(cfg["dataset"]["workers"])
     if unlabeled is None and cfg["trainer"]["sup_epoch_length"] == "unlabeled":
@@ -286,7 +328,7 @@ def build_train_loaders(cfg: dict, *, rank: int = 0, world_size: int = 1, seed: 
     if unlabeled is None:
         return TrainLoaders(lab_loader, None, (lab_sampler,))
     unl_loader, unl_sampler = build_loader(unlabeled, batch_size=bs, workers=workers, rank=rank,
-                                           world_size=world_size, seed=seed, stream=_STREAM_UNLABELED)
+                                           world_size=world_size, seed=seed, stream=unlabeled_stream)
     return TrainLoaders(lab_loader, unl_loader, (lab_sampler, unl_sampler))
 
 
@@ -356,6 +398,7 @@ def build_val_loader(dataset, *, rank: int = 0, world_size: int = 1, workers: in
     in size.
     """
 
+    workers = cap_workers(workers)
     sampler = UnpaddedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
     return DataLoader(
         dataset,

@@ -2,7 +2,7 @@
 published tables, how a config names one (`resolve_prior`), and measuring one on labeled masks.
 
 The tables are the numbers published with the original S4MC release (index = class id;
-Cityscapes uses trainIds). Measure one for other data with:
+Cityscapes uses trainIds); none is published for COCO or ADE20K. Measure one for other data with:
 
     python -m s4mc.data.priors --type pascal --root data/VOC2012 \
         --list data/splits/pascal/92/labeled.txt --num-classes 21 --out priors_voc92.json
@@ -129,7 +129,8 @@ def resolve_prior(spec, num_classes, dataset_type):
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"neighbour_prior {str(spec)!r} is neither 'auto', 'none', a table name "
-                              f"({', '.join(PRIORS)}) nor an existing JSON file")
+                              f"({', '.join(PRIORS)}) nor an existing JSON file; measure one from the labeled "
+                              f"split with python -m s4mc.data.priors --config CONFIG --out {spec}")
         values, source = _from_file(path, dataset_type), f"file {str(path)!r}"
     else:
         values = spec

@@ -150,12 +150,13 @@ class TrainTransform:
     normalise; optionally a photometric strong view with the same geometry.
 
     Returns {"image": float[3,ch,cw], "label": long[ch,cw]} (+ "image_strong", and "image_strong_2"
-    with `strong_views=2`: two independent draws of the strong augmentation, as UniMatch uses).
+    with `strong_views=2`: two independent draws of the strong augmentation, as UniMatch uses;
+    + "padding", bool[ch,cw] true on the padded border, with `padding_mask=True`).
     """
 
     def __init__(self, *, crop_size: Sequence[int] | None, scale_range: Sequence[float] | None = (0.5, 2.0),
                  flip: bool = True, mean=DEFAULT_MEAN, std=DEFAULT_STD, pad_label: int = 255,
-                 strong: StrongPhotometric | None = None, strong_views: int = 1):
+                 strong: StrongPhotometric | None = None, strong_views: int = 1, padding_mask: bool = False):
         self.crop = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         self.flip = bool(flip)
@@ -163,6 +164,7 @@ class TrainTransform:
         self.pad_label = int(pad_label)
         self.strong = strong
         self.strong_views = strong_views
+        self.padding_mask = padding_mask
 
     def geometry(self, image: np.ndarray, label: np.ndarray):
         """The random geometric part, on uint8 arrays; returns the (unpadded) crop."""
@@ -204,6 +206,11 @@ class TrainTransform:
             out["image_strong"] = self._to_canvas(self.strong(image), H, W)
             if self.strong_views == 2:
                 out["image_strong_2"] = self._to_canvas(self.strong(image), H, W)
+        if self.padding_mask:
+            # The label's pad value may also mark real pixels (255 on object boundaries), so the
+            # padded border gets its own mask (UniMatch's ignore_mask).
+            out["padding"] = torch.ones((H, W), dtype=torch.bool)
+            out["padding"][:h, :w] = False
         return out
 
 

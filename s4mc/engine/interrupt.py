@@ -9,6 +9,7 @@ a scheduler's SIGTERM).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,30 @@ class TrainingInterrupted(S4MCError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def announce_pending_stop(signum: int) -> None:
+    """Say at once, from rank 0, that a stop is pending: the current step (and, under torchrun,
+    the other ranks) must finish before latest.pth is written, which can take a while.
+    os.write, not logging: this runs in a signal handler, which may interrupt a logging call."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    name = signal.Signals(signum).name
+    os.write(2, (f"\n{name}: stop pending; finishing the current iteration, then saving latest.pth "
+                 f"(another Ctrl-C more than {REPEAT_WINDOW_S:.0f} s later leaves at once, saving nothing)\n").encode())
+
+
+def interrupted_message(text: str) -> str:
+    """The closing message of a stopped run; under torchrun, a note on the traceback torchrun
+    prints after it (its own report of the signal, which the code here cannot suppress)."""
+    if under_torchrun():
+        text += (" torchrun prints its own SignalException traceback after this: that is its report of the "
+                 "signal, not an error of the run.")
+    return text
 
 
 class StopRequest:
@@ -62,6 +87,7 @@ class StopRequest:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
+            announce_pending_stop(signum)
         elif signum == signal.SIGINT and now - self._first_at > REPEAT_WINDOW_S:
             raise KeyboardInterrupt  # a deliberate second Ctrl-C: stop now, without saving
 

@@ -20,15 +20,15 @@ from s4mc.distributed import DistInfo, all_reduce_mean, barrier, init_distribute
 from s4mc.engine import checkpoint as ckpt_io
 from s4mc.data import build_train_loaders, build_val_dataset, build_val_loader, dataset_info
 from s4mc.data.priors import resolve_prior
-from s4mc.engine.batches import build_partner_loader, epoch_batches
-from s4mc.engine.interrupt import StopRequest, TrainingInterrupted
+from s4mc.engine.batches import build_partner_loader, epoch_batches, loader_options
+from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
 from s4mc.engine.step import accumulated_step, train_step
 from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
 from s4mc.evaluation import evaluate_configured, format_table, training_protocols
-from s4mc.methods import build_method, method_class
+from s4mc.methods import METHODS, build_method, method_class
 from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
 from s4mc.terms import build_terms, needs_rep
@@ -139,16 +139,22 @@ def _set_epoch(loader, epoch: int) -> None:
 
 def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) -> dict:
     """Evaluate the teacher once the semi phase has begun, the student before (docs/method.md step 12).
+    A method with `evaluates_student = True` (UniMatch V2) has the student evaluated too, as
+    `student_<mode>` after the teacher's results.
 
     Returns {mode: result} for each of `training_protocols(cfg)`; the first selects best.pth.
     With several processes and no SyncBN, the model evaluated holds the ranks' mean BN
     statistics, the same model a checkpoint saves (see `rank_averaged_buffers`).
     """
-    model = state.teacher if semi and state.semi_start is not None else state.student_module
+    teacher = semi and state.semi_start is not None
+    models = {"": state.teacher if teacher else state.student_module}
+    if teacher and getattr(state.method, "evaluates_student", False):
+        models["student_"] = state.student_module  # logged beside the teacher's, which selects best.pth
     with rank_averaged_buffers(state.student_module, state.teacher):
-        return {mode: evaluate_configured(model, val_loader, cfg, device=state.device, amp_dtype=state.amp_dtype,
-                                          prior=state.prior, distributed=state.dist.distributed, mode=mode)
-                for mode in training_protocols(cfg)}
+        return {prefix + mode: evaluate_configured(model, val_loader, cfg, device=state.device,
+                                                   amp_dtype=state.amp_dtype, prior=state.prior,
+                                                   distributed=state.dist.distributed, mode=mode)
+                for prefix, model in models.items() for mode in training_protocols(cfg)}
 
 
 def _refuse_to_overwrite(run_dir: Path, existing: list[str]) -> S4MCError:
@@ -194,7 +200,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     sup_only = tr["mode"] == "sup"
     check_batch_norm_batch(cfg, dist)
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
-                                  labeled_only=sup_only, strong_views=method_class(cfg).strong_views(cfg))
+                                  labeled_only=sup_only, **loader_options(cfg))
     labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
     partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
     main_loader = labeled_loader if sup_only else unlabeled_loader
@@ -250,7 +256,12 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * accumulate * (1 if sup_only else 2)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.iteration if resume_path is not None else None) \
         if dist.is_main else None
-    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log)
+    semi_from = None if sup_only or not 0 < tr["sup_only_epoch"] < tr["epochs"] else tr["sup_only_epoch"] * iters_per_epoch
+    method_cls = METHODS[tr["method"]]
+    loss_parts = getattr(method_cls, "console_loss_parts", None)
+    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log, stop_at=stop_at,
+                        semi_from=semi_from, main=dist.is_main,
+                        loss_parts=(lambda values: loss_parts(cfg, values)) if loss_parts is not None else None)
     header = build_run_header(
         cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=iters_per_epoch * accumulate,
         accumulate=accumulate,
@@ -258,6 +269,11 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         val_images=count_images(val_loader), amp_dtype=state.amp_dtype, channels_last=state.channels_last)
     if dist.is_main:
         announce_run_header(header, run_dir, log)
+        if not sup_only:
+            log.info("%s", ground_truth_note(unlabeled_loader))
+        if state.iteration < stop_at:
+            log.info("training: %d optimizer steps to go; a line after the first step, then every %d steps "
+                     "(and at least every %.0f s)", stop_at - state.iteration, tr["log_every"], progress.heartbeat_s)
 
     debug: dict = {}
 
@@ -296,9 +312,9 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     stop = StopRequest(dist.device, dist.distributed).install()
 
     def interrupted() -> TrainingInterrupted:
-        return TrainingInterrupted(
+        return TrainingInterrupted(interrupted_message(
             f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
-            f"Continue with --resume auto.", stop.signum or signal.SIGINT)
+            f"Continue with --resume auto."), stop.signum or signal.SIGINT)
 
     last_result = None
     images_since_eval = False
@@ -332,10 +348,12 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                                 cfg["dataset"]["ignore_index"], state.iteration)
                     state.visuals = None
                     images_since_eval = True
-                progress.update(metrics)
+                progress.update(metrics, state.iteration)
                 if progress.due(state.iteration):
                     check_finite(state, kept_note())
                     progress.emit(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration, reduce=reduce_metrics)
+                else:
+                    progress.heartbeat(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration)
                 if tr["save_every"] and state.iteration % tr["save_every"] == 0:
                     save("latest.pth", epoch, epoch_done=False)
                 if state.iteration >= stop_at:
@@ -359,7 +377,7 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 if metrics_log is not None:
                     metrics_log.write("val", state.iteration, epoch, {
                         "miou": last_result.miou, "pixel_acc": last_result.pixel_acc,
-                        **{f"miou_{mode}": r.miou for mode, r in also}})
+                        **{f"miou_{mode}": r.miou for mode, r in also}}, labels={"protocol": selecting})
                 if writer is not None:
                     writer.add_scalar("val/mIoU", 100 * last_result.miou, state.iteration)
                     for mode, r in also:
@@ -391,8 +409,10 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                "best_miou": state.best_miou, "diagnostics": mean_diagnostics(state.history)}
     if last_result is not None:
         for mode, r in results.items():
-            log.info("final evaluation (%s, %s):\n%s", mode, "teacher" if state.semi_start is not None else "student",
+            weights = "teacher" if state.semi_start is not None and not mode.startswith("student_") else "student"
+            log.info("final evaluation (%s, %s):\n%s", mode, weights,
                      format_table(r, info.class_names))
+        summary["selected_by"] = selecting  # the protocol of best_miou and "final"; the run header's first
         summary["final"] = last_result.to_json()  # the protocol that selected best.pth
         summary["final_also"] = {mode: r.to_json() for mode, r in also}
         if cfg["evaluation"]["compare_with"] and state.iteration < total_iters:
@@ -430,6 +450,22 @@ def mean_diagnostics(history: list[dict]) -> dict:
         if values:
             out[key] = sum(values) / len(values)
     return out
+
+
+def ground_truth_note(unlabeled_loader) -> str:
+    """What the console's `acc` (kept accuracy) is measured on: the unlabeled images that have
+    masks, which only the diagnostics read (training never sees them)."""
+    dataset = unlabeled_loader.dataset
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return "pseudo-label accuracy (acc): measured against the unlabeled images' masks, where they have one"
+    with_mask = sum(s.mask is not None for s in samples)
+    if with_mask == 0:
+        return (f"pseudo-label accuracy (acc): not shown, none of the {len(samples):,} unlabeled images has a mask")
+    return (f"pseudo-label accuracy (acc): measured on the {with_mask:,} of {len(samples):,} unlabeled images that "
+            f"have a mask (read for this diagnostic only, never trained on)")
 
 
 def check_batch_norm_batch(cfg: dict, dist: DistInfo) -> None:

@@ -9,9 +9,11 @@ from s4mc.errors import ConfigError
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_scaler: bool = False) -> torch.optim.Optimizer:
-    """One SGD with two groups: the backbone at lr, decoder/aux at head_lr_mult × lr (docs/method.md step 10)."""
+    """One SGD (or AdamW, `trainer.optimizer.type: adamw`) with two groups: the backbone at lr,
+    decoder/aux at head_lr_mult × lr (docs/method.md step 10)."""
     tr = cfg["trainer"]
     kwargs = dict(tr["optimizer"]["kwargs"])
+    betas = tuple(kwargs.pop("betas"))
     base_lr = kwargs.pop("lr") * lr_scale(cfg, world_size)
     head_mult = tr["head_lr_mult"]
     if head_mult is None:
@@ -28,6 +30,9 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int, grad_sca
         # Not with fp16's GradScaler: a skipped (inf) first step must not seed the momentum buffers.
         fused = on_cuda and not grad_scaler
     extra = {"fused": True} if fused and on_cuda else {}
+    if tr["optimizer"]["type"] == "adamw":
+        # UniMatch V2's AdamW (docs/method.md, "UniMatch V2"); eps is torch's default, as there.
+        return torch.optim.AdamW(groups, lr=base_lr, betas=betas, weight_decay=kwargs["weight_decay"], **extra)
     return torch.optim.SGD(groups, lr=base_lr, **kwargs, **extra)
 
 

@@ -21,8 +21,10 @@ import torch
 
 from s4mc.config import load_config
 from s4mc.data.datasets import default_unlabeled_list, read_split
+from s4mc.data.loaders import check_n_sup
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
 from s4mc.errors import DataError, S4MCError, clean_message
+from s4mc.evaluation import training_protocols
 from s4mc.methods import METHODS, describe_method
 from s4mc.models import build_model
 from s4mc.runtime import resolve_amp, update_environment
@@ -144,17 +146,11 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
             "strong_aug": False if sup_only else unsup["strong_aug"],
             "teacher_start": None if sup_only else tr["teacher_start"],
         },
-        # A list, so a run that reports several protocols can name the one that picks best.pth.
-        "evaluation": [] if not tr["eval_on"] else [{
-            "mode": ev["mode"],
-            "scales": list(ev["scales"]),
-            "flip": ev["flip"],
-            "crop_size": _crop(ev["crop_size"] or ds["val"]["crop"]["size"]) if ev["mode"] != "whole" else None,
-            "pad_label": ds["val"]["crop"]["pad_label"] if ev["mode"] == "center_crop" else None,
-            "refine": ev["refine"],
-            "every_epochs": tr["eval_every"],
-            "selects_best": True,
-        }],
+        # One entry per protocol training runs (s4mc.evaluation.training_protocols); the first
+        # selects best.pth, as in results.json's "selected_by" and eval.py's default.
+        "evaluation": [] if not tr["eval_on"] else [
+            _protocol_facts(cfg, mode, selects_best=i == 0) for i, mode in enumerate(training_protocols(cfg))],
+        "start": starting_point(cfg),
         "precision": {
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off",
             "channels_last": bool(channels_last),
@@ -164,6 +160,56 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     }
     facts["batch"]["warning"] = batch_warning(facts)
     return facts
+
+
+def _protocol_facts(cfg: dict, mode: str, *, selects_best: bool) -> dict:
+    ds, ev, tr = cfg["dataset"], cfg["evaluation"], cfg["trainer"]
+    return {
+        "mode": mode,
+        "scales": list(ev["scales"]),
+        "flip": ev["flip"],
+        "crop_size": _crop(ev["crop_size"] or ds["val"]["crop"]["size"]) if mode != "whole" else None,
+        "pad_label": ds["val"]["crop"]["pad_label"] if mode == "center_crop" else None,
+        "refine": ev["refine"],
+        "every_epochs": tr["eval_every"],
+        "selects_best": selects_best,
+    }
+
+
+def starting_point(cfg: dict) -> dict:
+    """Where the weights start: `kind` file, torchvision, toy, random, or checkpoint
+    (saver.pretrain), with a warning for a random start on a dataset other than the toy."""
+    pretrained, ds_type = cfg["net"]["encoder"]["pretrained"], cfg["dataset"]["type"]
+    if cfg["saver"]["pretrain"]:
+        start = {"kind": "checkpoint", "path": cfg["saver"]["pretrain"]}
+    elif pretrained in ("torchvision", "toy"):
+        start = {"kind": pretrained, "path": None}
+    elif pretrained:
+        start = {"kind": "file", "path": pretrained}
+    else:
+        start = {"kind": "random", "path": None}
+    start["encoder"] = cfg["net"]["encoder"]["type"]
+    start["warning"] = None
+    if start["kind"] == "random" and ds_type != "toy":
+        start["warning"] = (
+            f"the {start['encoder']} encoder starts from random weights (net.encoder.pretrained is null) on the "
+            f"{DATASET_NAMES.get(ds_type, ds_type)} dataset: expect a far lower mIoU than from ImageNet weights. "
+            f"Set net.encoder.pretrained to a weights file, or to torchvision with net.encoder.stem: torchvision "
+            f"(README, 'Training on real data')")
+    return start
+
+
+def _start_text(start: dict) -> str:
+    kind, encoder = start["kind"], start["encoder"]
+    if kind == "checkpoint":
+        return f"checkpoint {start['path']} (saver.pretrain: the whole student)"
+    if kind == "file":
+        return f"file {start['path']} ({encoder} encoder)"
+    if kind == "torchvision":
+        return f"torchvision ImageNet weights ({encoder} encoder)"
+    if kind == "toy":
+        return "toy: data/toy_pretrain/encoder.pth (the toy's stand-in for ImageNet weights)"
+    return f"random: no pretrained weights ({encoder} encoder)"
 
 
 def _recipe_batch(facts: dict) -> dict | None:
@@ -211,8 +257,6 @@ def format_run_header(facts: dict) -> str:
     data += f" ({d.get('counted_from', 'split lists as loaded')})"
     if d["val_images"] is not None:
         data += f", {d['val_images']:,} val images"
-    if d["n_sup"] is not None and d["labeled_images"] is not None and d["n_sup"] != d["labeled_images"]:
-        data += f"; note: dataset.n_sup says {d['n_sup']}"
 
     per = b["per_process"]
     batch = (f"{per['labeled']} labeled + {per['unlabeled']} unlabeled per process × {b['world_size']} "
@@ -239,16 +283,20 @@ def format_run_header(facts: dict) -> str:
     evals = []
     for e in facts["evaluation"]:
         text = {"whole": "whole image", "center_crop": "centre crop", "sliding": "sliding window"}[e["mode"]]
+        text = f"{e['mode']} ({text}"
         if e["crop_size"]:
             text += f" {e['crop_size'][0]}×{e['crop_size'][1]}"
         if e["pad_label"] is not None:
-            text += f" (padding labelled {e['pad_label']})"
+            text += f", padding labelled {e['pad_label']}"
         scales = e["scales"]
         text += ", single scale" if scales == [1.0] else f", scales {scales}"
         text += ", flip" if e["flip"] else ""
         text += ", also refined" if e["refine"] else ""
-        text += f", every {e['every_epochs']} epoch(s)"
-        text += "; selects best.pth" if e["selects_best"] else ""
+        text += ")"
+        if e["selects_best"]:
+            text += f" every {e['every_epochs']} epoch(s), selects best.pth"
+        else:
+            text = "logged beside it: " + text
         evals.append(text)
     evaluation = "; ".join(evals) if evals else "off (trainer.eval_on: false)"
 
@@ -260,8 +308,15 @@ def format_run_header(facts: dict) -> str:
         target = f"no published number ({t['source'] or 'recipe.published_miou not set in the config'})"
 
     rows = [("dataset", data), ("batch", batch), ("lr", lr_text), ("schedule", sched), ("method", method),
+            ("start", _start_text(facts["start"])) if "start" in facts else None,
             ("evaluation", evaluation), ("precision", precision), ("target", target)]
+    rows = [row for row in rows if row is not None]
     return "run protocol:\n" + "\n".join(f"  {name:<12}{text}" for name, text in rows)
+
+
+def header_warnings(facts: dict) -> list[str]:
+    """The warnings that follow the block: batch against the recipe, a random start."""
+    return [w for w in (facts["batch"].get("warning"), (facts.get("start") or {}).get("warning")) if w]
 
 
 def announce_run_header(facts: dict, run_dir: str | Path | None = None,
@@ -269,9 +324,9 @@ def announce_run_header(facts: dict, run_dir: str | Path | None = None,
     """The start of a run (rank 0 only): the header block, the batch warning, environment.json."""
     logger = logger or logging.getLogger("s4mc")
     logger.info("%s", format_run_header(facts))
-    if facts["batch"].get("warning"):
+    for warning in header_warnings(facts):
         # The log format has no level name; the prefix makes the line findable (grep warning).
-        logger.warning("warning: %s", facts["batch"]["warning"])
+        logger.warning("warning: %s", warning)
     if run_dir is not None:
         update_environment(run_dir, {"protocol": facts})
 
@@ -287,6 +342,7 @@ def preview_run_header(cfg: dict, world_size: int = 1, device: str = "cuda") -> 
     bs = ds["batch_size"]
     # read_split raises the loaders' own errors (file named, with the fetch hint for VOC/Cityscapes).
     labeled = len(read_split(ds["train"]["data_list"]))
+    check_n_sup(cfg, ds["train"]["data_list"], labeled)  # the error training would stop with
     if tr["mode"] == "sup" and tr["sup_epoch_length"] == "labeled":
         # Supervised only: the labeled set alone, repeated up to one global batch when smaller.
         epoch_images = max(labeled, bs * world_size)
@@ -333,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(facts, indent=2))
     else:
         print(format_run_header(facts))
-        if facts["batch"]["warning"]:
-            print(f"warning: {facts['batch']['warning']}")
+        for warning in header_warnings(facts):
+            print(f"warning: {warning}")
     return 0
 
 

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from s4mc.ema import ema_momentum, ema_update
+from s4mc.ema import ema_momentum, ema_update, ema_update_buffers
 from s4mc.engine.optim import set_lr
 from s4mc.engine.state import TrainState
 
@@ -33,7 +33,12 @@ def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
     `state.iteration` counts optimizer steps. Metrics are the micro-batches' mean.
     """
     n = len(micro_batches)
-    lr = set_lr(state.optimizer, state.iteration, state.max_iters, cfg["trainer"]["lr_scheduler"]["kwargs"]["power"])
+    # A method may step with the LR of the previous iteration's point on the poly curve, as UniMatch
+    # and UniMatch V2 set the LR after their optimizer step (`lr_lag = 1`; docs/method.md, "UniMatch
+    # release-exact", item 6).
+    lag = getattr(state.method, "lr_lag", 0)
+    lr = set_lr(state.optimizer, max(state.iteration - lag, 0), state.max_iters,
+                cfg["trainer"]["lr_scheduler"]["kwargs"]["power"])
     state.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     update_teacher = False
@@ -58,10 +63,12 @@ def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
     else:
         state.optimizer.step()
 
-    # EMA teacher, parameters only.
+    # EMA teacher: parameters, and buffers for a method that averages them (`ema_buffers`).
     if update_teacher:
         tau = ema_momentum(state.iteration, state.semi_start, cfg["net"]["ema_decay"])
         ema_update(list(state.teacher.parameters()), list(state.student_module.parameters()), tau)
+        if getattr(state.method, "ema_buffers", False):
+            ema_update_buffers(state.teacher, state.student_module, tau)
     state.iteration += 1
     metrics = sums if n == 1 else {k: v / n for k, v in sums.items()}
     return {**metrics, "lr": torch.tensor(lr)}

@@ -10,7 +10,17 @@ A method class has:
 - `needs_partner(cfg) -> bool` (class method): whether every unlabeled batch comes with a
   partner batch (`partner_image`, `partner_label`, ... keys), drawn from a second pass over
   the unlabeled set (s4mc/engine/batches.py);
-- `describe(cfg) -> str` (class method, optional): the run header's line for the method.
+- `describe(cfg) -> str` (class method, optional): the run header's line for the method;
+- `check_config(cfg, fail)` (class method, optional): checks spanning the method's block and
+  other keys, reported through `fail(dotted_key, message)` when the config is loaded;
+- `padding_mask(cfg) -> bool` (class method, optional): unlabeled items (and partners) carry
+  `padding`, true on the crop's padded border;
+- `partner_same_images(cfg) -> bool` (class method, optional): the partner pass visits the
+  unlabeled pass's images in its order, each augmented afresh, instead of a reshuffle;
+- `lr_lag` (attribute, optional, default 0): 1 sets the poly LR after the optimizer step, as
+  UniMatch and UniMatch V2 do, so iteration k steps with lr(k - 1) (s4mc/engine/step.py);
+- `ema_buffers` (attribute, optional): the EMA averages the teacher's buffers too (UniMatch V2);
+- `evaluates_student` (attribute, optional): the student is evaluated beside the teacher.
 
 `register_method(name, schema=...)` adds it; the schema (s4mc.schema Keys) is the method's own
 config block, `trainer.<name>`, validated and defaulted by the config loader.

@@ -15,6 +15,13 @@ One model by default: it makes its own pseudo-labels from the weak view, as UniM
 Which pixels are kept is the only thing S4MC changes: `trainer.unsupervised.refine: false`
 keeps those whose confidence reaches the fixed threshold (0.95); `refine: true` keeps those
 that S4MC's neighbour refinement and dynamic (keep-percent) threshold keep, on every branch.
+
+`trainer.unimatch.release_exact: true` trains as UniMatch's own code does instead
+(`release_step`; docs/method.md, "UniMatch release-exact", items 2-7): two training forwards,
+both strong views of image j pasted from mix image j (the same raw image, augmented afresh),
+UniMatch's CutMix box drawn per image and view, the crop padding excluded and each unlabeled
+loss divided by the non-padding pixels, the LR set after the step, and the stem's max-pool
+without ceil_mode (required of the config).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ SETTINGS = {
     "weight_strong": key(0.25, *NUM, low=0),  # each of the two strong views
     "weight_fp": key(0.5, *NUM, low=0),
     "threshold": key(0.95, *NUM, low=0, high=1),  # fixed confidence threshold, used when unsupervised.refine is false
+    "release_exact": key(False, bool),  # UniMatch's training as its code does it (docs/method.md)
 }
 
 
@@ -52,10 +60,32 @@ class UniMatch:
         self.threshold = unimatch["threshold"]
         self.mix_prob, self.mix_gate = unsup["mix_prob"], unsup["mix_gate"]
         self.sup_only_epoch = cfg["trainer"]["sup_only_epoch"]
+        self.release_exact = unimatch["release_exact"]
+        self.lr_lag = 1 if self.release_exact else 0  # UniMatch writes the poly LR after optimizer.step()
 
     @classmethod
     def strong_views(cls, cfg: dict) -> int:
         return 2
+
+    @classmethod
+    def padding_mask(cls, cfg: dict) -> bool:
+        return cfg["trainer"]["unimatch"]["release_exact"]
+
+    @classmethod
+    def partner_same_images(cls, cfg: dict) -> bool:
+        return cfg["trainer"]["unimatch"]["release_exact"]
+
+    @classmethod
+    def check_config(cls, cfg: dict, fail) -> None:
+        if not cfg["trainer"]["unimatch"]["release_exact"]:
+            return
+        if cfg["trainer"]["unimatch"]["ema"]:
+            fail("trainer.unimatch.ema", "must be false with trainer.unimatch.release_exact: UniMatch has no EMA teacher")
+        encoder = cfg["net"].get("encoder") or {}
+        ceil_mode = (encoder.get("kwargs") or {}).get("ceil_mode")
+        if (encoder.get("stem") or "deep") == "deep" and ceil_mode is not False:
+            fail("net.encoder.kwargs.ceil_mode", f"is {ceil_mode!r}; trainer.unimatch.release_exact builds the stem as "
+                 "UniMatch does, whose max-pool has ceil_mode false: set net.encoder.kwargs.ceil_mode: false")
 
     @classmethod
     def needs_partner(cls, cfg: dict) -> bool:
@@ -69,14 +99,33 @@ class UniMatch:
                      else f"fixed confidence threshold {u['threshold']:g}")
         fp = (f"feature perturbation on (weight {u['weight_fp']:g}, dropout {u['fp_dropout']:g})" if u["fp"]
               else "feature perturbation off")
+        if u["release_exact"]:
+            return (f"UniMatch release-exact (two forwards, one mix image for both views, UniMatch's CutMix box, "
+                    f"padding excluded, LR set after the step), {selection}, two strong views "
+                    f"(weight {u['weight_strong']:g} each), {fp}")
         return (f"UniMatch ({'EMA teacher' if u['ema'] else 'single model'}), {selection}, two strong views "
                 f"(weight {u['weight_strong']:g} each), {fp}")
+
+    @classmethod
+    def console_loss_parts(cls, cfg: dict, values: dict) -> list[str] | None:
+        """The console's loss as the sum of what each branch adds to it: (L_x + w_s·L_s1 +
+        w_s·L_s2 + w_fp·L_fp) / 2, term by term, so the parts add up to the total shown.
+        None in the warm-up (the loss is L_x alone)."""
+        if "loss_s1" not in values:
+            return None
+        u = cfg["trainer"]["unimatch"]
+        weights = {"sup": 1.0, "s1": u["weight_strong"], "s2": u["weight_strong"], "fp": u["weight_fp"]}
+        shares = [f"{name} {weight * values[f'loss_{name}'] / 2:.4f}" for name, weight in weights.items()
+                  if f"loss_{name}" in values]
+        return [f"loss {values.get('loss', float('nan')):.4f} = " + " + ".join(shares)]
 
     def loss(self, state, labeled: dict, unlabeled: dict | None) -> StepLoss:
         img_x, mask_x = state.to_device(labeled["image"], image=True), state.to_device(labeled["label"])
         if unlabeled is None or state.epoch < self.sup_only_epoch:
             warm = img_x if unlabeled is not None and self.ema else None
             return supervised_step(state, img_x, mask_x, self.cfg, warm_teacher_on=warm)
+        if self.release_exact:
+            return self.release_step(state, img_x, mask_x, unlabeled)
         return self.semi_step(state, img_x, mask_x, unlabeled)
 
     def semi_step(self, state, img_x, mask_x, unlabeled: dict) -> StepLoss:
@@ -137,6 +186,67 @@ class UniMatch:
                 if state.capture_visuals:
                     state.visuals = visuals(img_u_s[0], pred_labeller, target, ground_truth, size)
         return StepLoss(total / 2, metrics, update_teacher=self.ema)
+
+    def release_step(self, state, img_x, mask_x, unlabeled: dict) -> StepLoss:
+        """One step as UniMatch's loop body (docs/method.md, "UniMatch release-exact")."""
+        student_fwd, _ = state.forwards()
+        size, ignore = mask_x.shape[-2:], self.s4mc.ignore_index
+        n_x = img_x.shape[0]
+        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix = (
+            state.to_device(unlabeled[name], image=True) for name in
+            ("image", "image_strong", "image_strong_2", "partner_image", "partner_image_strong", "partner_image_strong_2"))
+        gt_u, gt_u_mix = state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"])
+        pad_u, pad_u_mix = state.to_device(unlabeled["padding"]), state.to_device(unlabeled["partner_padding"])
+        n_u = img_u_w.shape[0]
+
+        # 1. Pseudo-labelling logits of the mix images: eval mode, no gradient.
+        state.student.eval()
+        with torch.no_grad(), state.autocast():
+            pred_u_w_mix = upsample(student_fwd(img_u_w_mix)["pred"], size)
+
+        # 2. A box per image and view (UniMatch's distribution and per-image coin); both views of
+        # image j paste from mix image j.
+        boxes = [mixing.sample_mix_mask(n_u, *size, mode="cutmix", prob=self.mix_prob, generator=state.generator,
+                                        device=state.device, gate="sample", box="unimatch") for _ in range(2)]
+        img_u_s = [state.memory_format(mixing.apply_mix(img, box, partner=mix))
+                   for img, box, mix in zip((img_u_s1, img_u_s2), boxes, (img_u_s1_mix, img_u_s2_mix))]
+
+        # 3. Two training forwards, each its own BatchNorm batch: labeled + weak, with the FP copies
+        # of both in the decoder's batch; then the two strong views.
+        state.student.train()
+        with state.autocast():
+            img_x_w = torch.cat([img_x, img_u_w])
+            out = (student_fwd(img_x_w, perturb=(0, n_x + n_u), dropout=self.fp_dropout) if self.fp
+                   else student_fwd(img_x_w))
+            out_s = student_fwd(torch.cat(img_u_s))
+        loss_x = supervised_loss_of(out, n_x, mask_x, self.cfg, size)
+        pred_u_w = upsample(out["pred"][n_x:], size).detach()  # training mode, batch statistics
+        pred_u_s = upsample(out_s["pred"], size)
+
+        # 4. Each branch: (student logits, pseudo-labelling logits, ground truth, padding, weight).
+        branches = {f"s{i + 1}": (pred_u_s[n_u * i:n_u * (i + 1)], mixing.apply_mix(pred_u_w, box, partner=pred_u_w_mix),
+                                  mixing.apply_mix(gt_u, box, partner=gt_u_mix),
+                                  mixing.apply_mix(pad_u, box, partner=pad_u_mix), self.weight_strong)
+                    for i, box in enumerate(boxes)}
+        if self.fp:
+            branches["fp"] = (upsample(out["pred_fp"][n_x:], size), pred_u_w, gt_u, pad_u, self.weight_fp)
+
+        # 5. Kept pixels off the padding; each loss divided by the branch's non-padding pixels.
+        keep_percent = self.s4mc.keep_percent_at(state.epoch, state.iteration, state.iters_per_epoch)
+        total, metrics = loss_x, {"loss_sup": loss_x.detach(), "keep_percent": torch.tensor(keep_percent)}
+        for name, (pred_student, pred_labeller, ground_truth, padding, weight) in branches.items():
+            target, stats = self.pseudo_label_target(state, pred_labeller, ground_truth, keep_percent)
+            target = target.masked_fill(padding, ignore)
+            loss = masked_ce_sum(pred_student, target, ignore) / (~padding).sum().clamp(min=1)
+            total = total + weight * loss
+            metrics[f"loss_{name}"] = loss.detach()
+            if name == "s1":
+                metrics.update(stats)
+                if state.capture_visuals:
+                    state.visuals = visuals(img_u_s[0], pred_labeller, target, ground_truth, size)
+            if name == "fp":  # UniMatch's logged mask ratio: the weak view's kept share of its non-padding pixels
+                metrics["mask_ratio"] = ((target != ignore).sum() / (~padding).sum().clamp(min=1)).detach()
+        return StepLoss(total / 2, metrics)
 
     def pseudo_label_target(self, state, logits, ground_truth, keep_percent):
         """The hard pseudo-label with dropped pixels set to the ignore index, and its diagnostics."""

@@ -148,17 +148,22 @@ class SegmentationModel(nn.Module):
         self.decoder = decoder
         # None registers no submodule, so there are no auxor.* keys, as in the release without aux.
         self.auxor = auxor
+        # Recorded FP channel multipliers ([n, C] tensors of 0 and 1/(1-p)) to use instead of drawing,
+        # in draw order; tests set it to replay a reference run's dropout (tests/test_unimatch_release.py).
+        self.fp_replay: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, perturb: tuple[int, int] | None = None,
                 dropout: float = 0.5) -> dict[str, torch.Tensor]:
         """`perturb=(start, stop)` adds UniMatch's feature-perturbation branch: the decoder also
-        sees images start..stop-1 with channel dropout on every encoder feature, in the same
-        batch (one BatchNorm batch, as UniMatch), and returns that prediction as `pred_fp`."""
+        sees images start..stop-1 with channel dropout on the encoder features, in the same
+        batch (one BatchNorm batch, as UniMatch), and returns that prediction as `pred_fp`.
+        The decoder's `perturbed_features` names the features dropped (default: every one)."""
         feats = self.encoder(x)
         if perturb is not None:
             start, stop = perturb
-            # Dropout2d in training mode whatever the module's mode: the perturbation is the point.
-            dropped = [F.dropout2d(f[start:stop], dropout, training=True) for f in feats]
+            which = getattr(self.decoder, "perturbed_features", range(len(feats)))
+            dropped = [self._channel_dropout(f[start:stop], dropout) if i in which else f[start:stop]
+                       for i, f in enumerate(feats)]
             both = self.decoder([torch.cat([f, d]) for f, d in zip(feats, dropped)])
             n = x.shape[0]
             out = {key: value[:n] for key, value in both.items()}
@@ -168,3 +173,10 @@ class SegmentationModel(nn.Module):
         if self.auxor is not None:
             out["aux"] = self.auxor(feats[2])
         return out
+
+    def _channel_dropout(self, feature: torch.Tensor, p: float) -> torch.Tensor:
+        if self.fp_replay:
+            multiplier = self.fp_replay.pop(0).to(feature)
+            return feature * multiplier[:, :, None, None]
+        # Dropout2d in training mode whatever the module's mode: the perturbation is the point.
+        return F.dropout2d(feature, p, training=True)

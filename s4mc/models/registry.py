@@ -14,11 +14,16 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from s4mc.config import SCHEMA
 from s4mc.errors import ConfigError
 
 from .deeplabv3plus import AuxHead, DeepLabV3PlusDecoder, SegmentationModel
+from .dpt import DPTHead, ViTSegmentationModel
+from .deeplabv3plus_unimatch import UniMatchDeepLabV3PlusDecoder
 from .resnet import ResNet, resnet50, resnet101, resnet_tiny
-from .weights import TOY_ENCODER_NAME, load_backbone, toy_encoder_file
+from .vit import DINOV2_WEIGHTS_HINT, SIZES, DinoVisionTransformer, dinov2_base, dinov2_large, dinov2_small, vit_tiny
+from .weights import TOY_ENCODER_NAME, check_backbone_file, load_backbone, toy_encoder_file
+from .xception import PRETRAINED_HINT as XCEPTION_WEIGHTS_HINT, xception65
 
 log = logging.getLogger("s4mc")
 
@@ -26,8 +31,15 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet_tiny": resnet_tiny,
+    "dinov2_small": dinov2_small,
+    "dinov2_base": dinov2_base,
+    "dinov2_large": dinov2_large,
+    "vit_tiny": vit_tiny,
+    "xception65": xception65,
 }
-DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder}
+DECODERS: dict[str, Callable[..., nn.Module]] = {"deeplabv3_plus": DeepLabV3PlusDecoder, "dpt": DPTHead,
+                                                 "deeplabv3_plus_unimatch": UniMatchDeepLabV3PlusDecoder}
+VIT_ENCODERS = ("dinov2_small", "dinov2_base", "dinov2_large", "vit_tiny")
 # Release class names that differ from ours (after taking the last dotted component).
 _ALIASES = {"dec_deeplabv3_plus": "deeplabv3_plus"}
 
@@ -81,6 +93,10 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
 
     enc_cfg = net_cfg.get("encoder") or {}
     enc_name, enc_builder = resolve(enc_cfg.get("type", "resnet101"), ENCODERS, "net.encoder.type")
+    dec_cfg = net_cfg.get("decoder") or {}
+    dec_name, _ = resolve(dec_cfg.get("type", "deeplabv3_plus"), DECODERS, "net.decoder.type")
+    if enc_name in VIT_ENCODERS or dec_name == "dpt":
+        return build_vit_model(net_cfg, enc_name, dec_name, num_classes)
     stem = enc_cfg.get("stem") or "deep"
     if stem not in ("deep", "torchvision"):
         raise ConfigError(f"net.encoder.stem: expected 'deep' or 'torchvision', got {stem!r}")
@@ -90,8 +106,7 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
         enc_kwargs.pop(k, None)
     encoder = _call(enc_builder, enc_kwargs, "net.encoder.kwargs", stem=stem)
 
-    dec_cfg = net_cfg.get("decoder") or {}
-    _, dec_builder = resolve(dec_cfg.get("type", "deeplabv3_plus"), DECODERS, "net.decoder.type")
+    dec_builder = DECODERS[dec_name]
     dec_kwargs = dict(dec_cfg.get("kwargs") or {})
     # Release decoder kwargs that this implementation derives itself or does not need.
     for k in ("in_planes", "num_classes", "sync_bn", "low_planes"):
@@ -109,6 +124,9 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     auxor = None
     aux_cfg = net_cfg.get("aux_loss")
     if aux_cfg:
+        if len(encoder.out_channels) < 3:
+            raise ConfigError(f"net.aux_loss: the {enc_name} encoder has no layer3 output for an aux head; "
+                              "set net.aux_loss: null")
         aux_in = encoder.out_channels[2]
         declared = aux_cfg.get("aux_plane") if isinstance(aux_cfg, Mapping) else None
         if declared is not None and declared != aux_in:
@@ -120,4 +138,48 @@ def build_model(net_cfg: Mapping[str, Any]) -> SegmentationModel:
     pretrained = enc_cfg.get("pretrained")
     if pretrained:
         load_backbone(model, toy_encoder_file() if pretrained == TOY_ENCODER_NAME else pretrained)
+    return model
+
+
+def check_pretrained_file(net_cfg: Mapping[str, Any]) -> None:
+    """One error naming a missing `net.encoder.pretrained` file and where to get it, before any
+    data or model is built (train_semi.py calls it first)."""
+    name, _ = resolve((net_cfg.get("encoder") or {}).get("type", "resnet101"), ENCODERS, "net.encoder.type")
+    hints = {"xception65": XCEPTION_WEIGHTS_HINT, **{vit: DINOV2_WEIGHTS_HINT for vit in VIT_ENCODERS}}
+    check_backbone_file(net_cfg, hints.get(name))
+
+
+def _non_default(block: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> list[str]:
+    """Keys of `block` set to something other than the config schema's default."""
+    return sorted(k for k, v in (block or {}).items() if k not in defaults or v != defaults[k].default)
+
+
+def build_vit_model(net_cfg: Mapping[str, Any], enc_name: str, dec_name: str, num_classes: int) -> SegmentationModel:
+    """A DINOv2 encoder with UniMatch V2's DPT head (docs/method.md, "UniMatch V2"); the head's
+    widths are the ones UniMatch V2 pairs with each encoder size."""
+    if enc_name not in VIT_ENCODERS or dec_name != "dpt":
+        raise ConfigError(f"net.encoder.type {enc_name} and net.decoder.type {dec_name} do not fit together: the DPT "
+                          f"head reads ViT layers ({', '.join(VIT_ENCODERS)}), and a ViT encoder needs "
+                          f"net.decoder.type: dpt")
+    enc_cfg, dec_cfg = net_cfg.get("encoder") or {}, net_cfg.get("decoder") or {}
+    # Every loaded config carries the schema's ResNet/DeepLab kwargs; changed ones are named once, as
+    # ignored, so that a ResNet config switched to a ViT with --opts still runs.
+    for key, block, defaults in (("net.encoder.kwargs", enc_cfg.get("kwargs"), SCHEMA["net"]["encoder"]["kwargs"]),
+                                 ("net.decoder.kwargs", dec_cfg.get("kwargs"), SCHEMA["net"]["decoder"]["kwargs"])):
+        changed = _non_default(block, defaults)
+        if changed:
+            log.warning("%s: %s ignored: they shape the ResNet/DeepLabv3+ model; %s + dpt takes its widths from "
+                        "the encoder size", key, ", ".join(changed), enc_name)
+    if net_cfg.get("aux_loss"):
+        raise ConfigError("net.aux_loss: the DPT model has no auxiliary head; set net.aux_loss: null")
+    encoder: DinoVisionTransformer = ENCODERS[enc_name]()
+    spec = SIZES[encoder.size_name]
+    decoder = DPTHead(encoder.embed_dim, num_classes, features=spec.dpt_features, out_channels=spec.dpt_out_channels)
+    model = ViTSegmentationModel(encoder, decoder, None)
+    pretrained = enc_cfg.get("pretrained")
+    if pretrained:
+        if pretrained == TOY_ENCODER_NAME:
+            raise ConfigError(f"net.encoder.pretrained: toy is the toy's ResNet encoder; {enc_name} has no toy "
+                              f"weights (set net.encoder.pretrained: null)")
+        load_backbone(model, pretrained)
     return model

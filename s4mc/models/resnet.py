@@ -69,6 +69,9 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. ``(3, 4, 23, 3)`` for ResNet-101.
         stem: ``"deep"`` (three 3x3 convs, 128 channels into layer1, ceil-mode max-pool) or
             ``"torchvision"`` (one 7x7 conv, 64 channels, floor-mode max-pool).
+        ceil_mode: the stem max-pool's rounding; ``None`` takes the stem's own (above). UniMatch
+            builds the deep stem with ``False``, which at even input sizes gives a smaller
+            feature grid (docs/method.md, "UniMatch release-exact", item 2).
         replace_stride_with_dilation: for layer2..layer4, trade the stride-2 for dilation.
             ``[False, True, True]`` gives output stride 8 (the release), ``[False, False, True]``
             output stride 16, ``[False, False, False]`` a plain ResNet (stride 32).
@@ -90,6 +93,7 @@ class ResNet(nn.Module):
         width: int = 64,
         fpn: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
+        ceil_mode: bool | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -118,11 +122,12 @@ class ResNet(nn.Module):
                 nn.Conv2d(width, 2 * width, 3, stride=1, padding=1, bias=False),
             )
             stem_out = 2 * width
-            ceil_mode = True  # U2PL pools with ceil_mode; 65 px -> 33 -> 17 (the JSON's 17x17)
+            stem_ceil = True  # U2PL pools with ceil_mode; 65 px -> 33 -> 17 (the JSON's 17x17)
         else:
             self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
             stem_out = width
-            ceil_mode = False  # torchvision's pooling, so its weights see what they were trained on
+            stem_ceil = False  # torchvision's pooling, so its weights see what they were trained on
+        ceil_mode = stem_ceil if ceil_mode is None else bool(ceil_mode)
         self.bn1 = norm_layer(stem_out)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=ceil_mode)

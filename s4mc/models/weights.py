@@ -27,8 +27,11 @@ log = logging.getLogger("s4mc")
 U2PL_BACKBONE_HINT = (
     "U2PL's README (https://github.com/Haochen-Wang409/U2PL#getting-started) links the deep-stem "
     "ImageNet weights resnet101.pth (and resnet50.pth); download one and set net.encoder.pretrained "
-    "to its path. Alternatively set net.encoder.stem: torchvision and net.encoder.pretrained: "
-    "torchvision to start from torchvision's ImageNet weights."
+    "to its path. Or start from torchvision's ImageNet weights (downloaded once into torch's cache): "
+    "--opts net.encoder.stem=torchvision net.encoder.pretrained=torchvision. "
+    "To go on without ImageNet weights: --opts net.encoder.pretrained=null (random start: expect far "
+    "below the published mIoU), or --opts net.encoder.type=resnet50 net.encoder.pretrained=null "
+    "(a smaller encoder, quicker to train from scratch)."
 )
 
 # Top-level keys of a training checkpoint (docs/method.md: model_state, teacher_state, optimizer_state, ...).
@@ -53,8 +56,39 @@ def _fmt(keys: list[str], shapes: Mapping[str, Any]) -> str:
     return "\n    " + "\n    ".join(items)
 
 
+# UniMatch's DeepLabV3Plus names its encoder `backbone` and keeps its head modules at the top level.
+UNIMATCH_HEAD_MODULES = ("head", "reduce", "fuse", "classifier")
+
+
+def is_unimatch_layout(sd: Mapping[str, Any]) -> bool:
+    """Whether every key is UniMatch's (`backbone.*` or one of its head modules), `module.` stripped."""
+    tops = {k.split(".", 1)[0] for k in sd}
+    return bool(sd) and "backbone" in tops and tops <= {"backbone", *UNIMATCH_HEAD_MODULES}
+
+
+def from_unimatch_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """UniMatch's keys -> this package's: `backbone.` -> `encoder.`, its head modules below `decoder.`."""
+    return {(f"encoder.{k[len('backbone.'):]}" if k.startswith("backbone.") else f"decoder.{k}"): v
+            for k, v in sd.items()}
+
+
+def to_unimatch_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `from_unimatch_layout`, for a model with `net.decoder.type: deeplabv3_plus_unimatch`."""
+    out = {}
+    for k, v in sd.items():
+        top, rest = k.split(".", 1)
+        if top not in ("encoder", "decoder"):
+            raise CheckpointError(f"{k}: UniMatch's layout has no place for a {top}.* key (an aux head?)")
+        out[f"backbone.{rest}" if top == "encoder" else rest] = v
+    return out
+
+
 def _hints(missing: list[str], unexpected: list[str]) -> list[str]:
     hints = []
+    if any(k.startswith("decoder.head.b0.") for k in unexpected) and any(k.startswith("decoder.aspp.") for k in missing):
+        hints.append("the file holds UniMatch's DeepLabv3+: set net.decoder.type: deeplabv3_plus_unimatch")
+    if any(k.startswith("decoder.aspp.") for k in unexpected) and any(k.startswith("decoder.head.b0.") for k in missing):
+        hints.append("the file holds the U2PL-lineage DeepLabv3+: set net.decoder.type: deeplabv3_plus")
     if "conv1.weight" in unexpected and "conv1.0.weight" in missing:
         hints.append("the file has a 7x7 (torchvision) stem but the model a deep stem: set net.encoder.stem: torchvision")
     if "conv1.0.weight" in unexpected and "conv1.weight" in missing:
@@ -149,6 +183,9 @@ def torchvision_to_encoder(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _torchvision_weights(encoder: nn.Module):
+    if not hasattr(encoder, "layer1"):
+        raise CheckpointError(f"net.encoder.pretrained: torchvision has ImageNet weights for resnet50/resnet101 only, "
+                              f"not for a {type(encoder).__name__} encoder")
     import torchvision.models as tvm  # local import: only this path needs torchvision
 
     depth = tuple(len(getattr(encoder, f"layer{i}")) for i in range(1, 5))
@@ -206,7 +243,8 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {p}. {U2PL_BACKBONE_HINT}")
+            hint = getattr(encoder, "weights_hint", U2PL_BACKBONE_HINT)
+            raise missing_backbone_file(p, hint)
         sd = load_tensor_file(p, "cpu")
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
             sd = sd["state_dict"]
@@ -214,35 +252,66 @@ def load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
             raise CheckpointError(f"backbone file {p} holds a {type(sd).__name__}, not a state dict")
         source = str(p)
     sd = torchvision_to_encoder(_strip_prefix(sd, "module."))
+    adapt = getattr(encoder, "adapt_pretrained", None)
+    if adapt is not None:  # an encoder whose release file needs its own key handling (models/xception.py)
+        sd = adapt(sd)
     check_state_dict(encoder, sd, source, "backbone weights")
     encoder.load_state_dict(sd, strict=True)
     log.info("loaded backbone weights from %s (%d tensors)", source, len(sd))
 
 
-def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, which: str = "teacher", map_location: Any = "cpu"
-) -> dict[str, Any]:
-    """Load a project/U2PL/S4MC checkpoint into ``model`` strictly (for eval or fine-tuning).
-
-    ``which="teacher"`` prefers ``teacher_state`` and falls back to ``model_state`` (e.g. a
-    supervised-only checkpoint); ``which="student"`` prefers ``model_state``; ``which="auto"``
-    takes the weights the run's own evaluation used (``evaluated_weights``, which this
-    project's checkpoints record), else the teacher. A bare state dict is used as is.
-    ``module.`` prefixes from DDP are stripped. Returns ``{"path", "state_key", "which",
-    "epoch", "best_miou"}`` (the last two ``None`` when absent).
-    """
-    if which not in (*_STATE_KEYS, "auto"):
-        raise ValueError(f"which must be 'auto', 'teacher' or 'student', got {which!r}")
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Mapping[str, Any]:
+    """The dict a checkpoint file holds (weights-only load); CheckpointError naming the file otherwise."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint file not found: {p}")
     ckpt = load_tensor_file(p, map_location)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint {p} holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
+
+
+def missing_backbone_file(path: Path, hint: str) -> CheckpointError:
+    return CheckpointError(f"net.encoder.pretrained: backbone weights file not found: {path}. {hint}")
+
+
+def check_backbone_file(net_cfg: Mapping[str, Any], hint: str | None = None) -> None:
+    """Fail before anything else is built when `net.encoder.pretrained` names a file that is not
+    there: the same error `load_backbone` would raise after the data loaders were set up."""
+    pretrained = (net_cfg.get("encoder") or {}).get("pretrained")
+    if not pretrained or pretrained in ("torchvision", TOY_ENCODER_NAME):
+        return
+    p = Path(pretrained).expanduser()
+    if not p.is_file():
+        raise missing_backbone_file(p, hint or U2PL_BACKBONE_HINT)
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, which: str = "teacher", map_location: Any = "cpu",
+    checkpoint: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load a project/U2PL/S4MC/UniMatch checkpoint into ``model`` strictly (for eval or fine-tuning).
+
+    ``which="teacher"`` prefers ``teacher_state`` and falls back to ``model_state`` (e.g. a
+    supervised-only checkpoint); ``which="student"`` prefers ``model_state``; ``which="auto"``
+    takes the weights the run's own evaluation used (``evaluated_weights``, which this
+    project's checkpoints record), else the teacher. A bare state dict is used as is.
+    ``module.`` prefixes from DDP are stripped. A file in UniMatch's layout (its ``model`` entry,
+    or a bare state dict, with ``backbone.``/``head.``/... keys) is mapped onto this package's
+    names; it fits a model with ``net.decoder.type: deeplabv3_plus_unimatch``. Returns ``{"path",
+    "state_key", "which", "epoch", "best_miou"}`` (the last two ``None`` when absent).
+    ``checkpoint``: the file's dict when the caller has read it already (`read_checkpoint`), so a
+    large file loads once.
+    """
+    if which not in (*_STATE_KEYS, "auto"):
+        raise ValueError(f"which must be 'auto', 'teacher' or 'student', got {which!r}")
+    p = Path(path).expanduser()
+    ckpt = read_checkpoint(p, map_location) if checkpoint is None else checkpoint
     if which == "auto":
         which = ckpt.get("evaluated_weights") if ckpt.get("evaluated_weights") in _STATE_KEYS else "teacher"
     state_key = None
-    for key in _STATE_KEYS[which] + ("state_dict",):
+    # "model": UniMatch's own checkpoints (latest.pth / best.pth) keep the weights there.
+    for key in _STATE_KEYS[which] + ("state_dict", "model"):
         if isinstance(ckpt.get(key), Mapping):
             state_key = key
             break
@@ -258,10 +327,12 @@ def load_checkpoint(
             f"top-level keys: {sorted(map(str, ckpt))[:20]}"
         )
     sd = _strip_prefix(sd, "module.")
+    if is_unimatch_layout(sd):
+        sd = from_unimatch_layout(sd)
     check_state_dict(model, sd, f"{p}" + (f" [{state_key}]" if state_key else ""), "checkpoint")
     model.load_state_dict(sd, strict=True)
     log.info("loaded %s from %s", state_key or "state dict", p)
-    epoch, best = ckpt.get("epoch"), ckpt.get("best_miou")
+    epoch, best = ckpt.get("epoch"), ckpt.get("best_miou", ckpt.get("previous_best"))
     return {"path": str(p), "state_key": state_key, "which": {"teacher_state": "teacher", "model_state": "student"}.get(state_key, which), "epoch": None if epoch is None else int(epoch),
             "best_miou": None if best is None else float(best)}
 
