@@ -4,7 +4,9 @@ budget, for several seeds, and report every seed (docs/method.md, "What the toy 
     python benchmarks/variants.py --seeds 0 1 2 --json study.json --plot study.png
     python benchmarks/variants.py --variants supervised s4mc --seeds 0 --opts trainer.epochs=4
 
-Rows (each is the config a user would run, plus one switch):
+The rows are those of the toy's study file, experiments/toy/study.yaml (`rows`, run by default, and
+`extra_rows`), which `python -m s4mc.study` runs and tabulates like any other study; this script
+adds the toy's own analysis:
   supervised      trainer.mode=sup on the labeled split, trainer.sup_epoch_length=unlabeled
                   (the labeled stream of a semi run: same iterations, schedule and batches)
   supervised_all  the same on every training label (the ceiling the split is measured against)
@@ -48,27 +50,12 @@ sys.path.insert(0, str(REPO))
 
 from s4mc.config import load_config  # noqa: E402
 from s4mc.errors import S4MCError  # noqa: E402
+from s4mc.study import load_study, mean_std, substitute  # noqa: E402,F401  (mean_std: tests and mask_oracle)
 
-SUPERVISED = ["trainer.mode=sup", "trainer.sup_epoch_length=unlabeled"]
-UNIMATCH_V2 = ["trainer.method=unimatch_v2", "net.encoder.type=vit_tiny", "net.decoder.type=dpt",
-               "net.encoder.pretrained=null", "net.ema_decay=0.996", "trainer.optimizer.type=adamw",
-               "trainer.optimizer.kwargs.lr=0.001", "trainer.optimizer.kwargs.weight_decay=0.01"]
-VARIANTS = {
-    "supervised": SUPERVISED,
-    "supervised_all": SUPERVISED,  # + the all-labels list, see row_overrides
-    "cutmix_seg": ["trainer.unsupervised.refine=false"],
-    "s4mc": [],
-    "s4mc_psi": ["trainer.unsupervised.strong_aug=true"],
-    # UniMatch (fixed threshold 0.95) and S4MC on UniMatch (s4mc/methods/unimatch.py); not in the
-    # default set, so the study's saved rows stay as they were measured.
-    "unimatch": ["trainer.method=unimatch", "trainer.unsupervised.refine=false"],
-    "s4mc_unimatch": ["trainer.method=unimatch", "trainer.unsupervised.refine=true"],
-    # UniMatch V2 (s4mc/methods/unimatch_v2.py) on the golden data's reduced ViT, from random weights:
-    # the toy has no DINOv2 weights. AdamW as UniMatch V2, at an LR for a from-scratch model.
-    "unimatch_v2": [*UNIMATCH_V2, "trainer.unsupervised.refine=false"],
-    "s4mc_unimatch_v2": [*UNIMATCH_V2, "trainer.unsupervised.refine=true"],
-}
-DEFAULT_VARIANTS = ["supervised", "supervised_all", "cutmix_seg", "s4mc", "s4mc_psi"]
+STUDY_FILE = REPO / "experiments" / "toy" / "study.yaml"
+_STUDY = load_study(STUDY_FILE)
+VARIANTS = {**_STUDY.rows, **_STUDY.extra_rows}  # row name -> its --opts switches
+DEFAULT_VARIANTS = list(_STUDY.rows)
 SEMI_ROWS = ("cutmix_seg", "s4mc")  # the ordering the paper's tables show: s4mc > cutmix_seg > supervised
 DIAGNOSTICS = {"kept": "kept_fraction", "kept_unrefined": "kept_fraction_unrefined",
                "kept_accuracy": "kept_accuracy", "kept_accuracy_unrefined": "kept_accuracy_unrefined",
@@ -76,21 +63,17 @@ DIAGNOSTICS = {"kept": "kept_fraction", "kept_unrefined": "kept_fraction_unrefin
 
 
 def row_overrides(name: str, base: dict, all_labels_list: str | None) -> list[str]:
-    opts = list(VARIANTS[name])
+    """The row's switches for the config `base`; supervised_all's list may be replaced."""
+    opts = substitute(VARIANTS[name], base, f"{STUDY_FILE}, row {name}")
     if name == "supervised_all":
-        path = all_labels_list or str(Path(base["dataset"]["train"]["data_root"]) / "splits" / "train_all.txt")
-        if not Path(path).is_file():
+        key = "dataset.train.data_list="
+        given = next((o[len(key):] for o in opts if o.startswith(key)), None)
+        path = all_labels_list or given
+        if path is None or not Path(path).is_file():
             raise S4MCError(f"supervised_all needs a list of every training image with labels: {path} not found "
                             f"(pass --all-labels-list)")
-        # the semi rows' unlabeled list still sets the epoch length (trainer.sup_epoch_length)
-        opts += [f"dataset.train.data_list={path}",
-                 f"dataset.train.unlabeled_list={base['dataset']['train']['unlabeled_list']}"]
+        opts = [o for o in opts if not o.startswith(key)] + [key + path]
     return opts
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single seed)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarise(name: str, runs: list[dict]) -> dict:

@@ -133,7 +133,7 @@ def train_main(argv: list[str] | None = None) -> int:
 # torchrun's and srun's variables: the toy encoder's own training run must not join the job's group.
 _LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                        "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS",
-                       "SLURM_LOCALID")
+                       "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")
 
 
 def prepare_toy_encoder(cfg: dict, wait_s: float = 3600.0) -> None:
@@ -143,12 +143,12 @@ def prepare_toy_encoder(cfg: dict, wait_s: float = 3600.0) -> None:
     never inside `train`. One process builds it in-process; under torchrun or srun, rank 0
     builds it in a separate process (outside the job's process group) while the others wait.
     """
-    from s4mc.models.weights import TOY_ENCODER_FILE, TOY_ENCODER_NAME  # imported here: see the module docstring
+    from s4mc.distributed import launcher_ranks  # imported here: see the module docstring
+    from s4mc.models.weights import TOY_ENCODER_FILE, TOY_ENCODER_NAME
 
     if cfg["net"]["encoder"]["pretrained"] != TOY_ENCODER_NAME or TOY_ENCODER_FILE.is_file():
         return
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank, world = launcher_ranks()
     if world == 1:
         from s4mc.toy_pretrain import ensure_pretrained_encoder
 

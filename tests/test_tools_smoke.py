@@ -193,6 +193,8 @@ TOOLS = [
             covered_by="tests/test_reliability.py::test_priors_cli_takes_the_neighbourhood_from_the_config"),
     Covered("s4mc.engine.run_header", covered_by="tests/test_run_header.py::test_preview_command_on_the_voc_config"),
     Covered("s4mc.data.coco", covered_by="tests/test_coco_ade20k.py::test_coco_id_table_round_trip_and_converter"),
+    Covered("s4mc.study", covered_by="tests/test_study_tool.py::test_local_study_then_collect_marks_refuses_and_plots "
+                                     "and tests/test_slurm.py"),
     # ... then the runs (loss_trace.py turns logging off and toy_pretrain trains: last).
     Tool("s4mc.data.toy", ["--root", "{tmp}/toy", "--num-train", "4", "--num-labeled", "2", "--num-val", "1",
                            "--size", "32"], check_toy),
