@@ -67,25 +67,25 @@ def time_step(state, cfg, batches, iters: int, warmup: int) -> tuple[float, list
     labeled, unlabeled = batches
     sync(state.device)
     t0 = time.perf_counter()
-    step.train_step(state, labeled, unlabeled, cfg)  # includes torch.compile's compilation when on
+    step.train_step(state, [(labeled, unlabeled)], cfg)  # includes torch.compile's compilation when on
     sync(state.device)
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
-        step.train_step(state, labeled, unlabeled, cfg)
+        step.train_step(state, [(labeled, unlabeled)], cfg)
     sync(state.device)
     times = []
     if state.device.type == "cuda":
         events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
         events[0].record()
         for i in range(iters):
-            step.train_step(state, labeled, unlabeled, cfg)
+            step.train_step(state, [(labeled, unlabeled)], cfg)
             events[i + 1].record()
         sync(state.device)
         times = [events[i].elapsed_time(events[i + 1]) / 1000 for i in range(iters)]
     else:
         for _ in range(iters):
             t0 = time.perf_counter()
-            step.train_step(state, labeled, unlabeled, cfg)
+            step.train_step(state, [(labeled, unlabeled)], cfg)
             times.append(time.perf_counter() - t0)
     return first, times
 
@@ -97,7 +97,7 @@ def profile_steps(state, cfg, batches, path: Path, steps: int = 2) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if state.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step.train_step(state, *batches, cfg)
+            step.train_step(state, [batches], cfg)
         sync(state.device)
     key = "self_device_time_total" if state.device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))

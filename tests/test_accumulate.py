@@ -11,7 +11,7 @@ import s4mc.models
 from s4mc.config import load_config
 from s4mc.distributed import DistInfo
 from s4mc.engine import loop, optim
-from s4mc.engine.step import accumulated_step
+from s4mc.engine.step import train_step
 from s4mc.errors import ConfigError
 
 
@@ -45,9 +45,9 @@ def test_two_micro_batches_of_2_equal_one_batch_of_4(toy_root, toy_cfg, tmp_path
     big, small = _state(cfg), _state(cfg)
     for a, b in zip(big.student_module.parameters(), small.student_module.parameters()):
         assert torch.equal(a, b)
-    m_big = accumulated_step(big, [({"image": images, "label": labels}, None)], cfg)
-    m_small = accumulated_step(small, [({"image": images[:2], "label": labels[:2]}, None),
-                                       ({"image": images[2:], "label": labels[2:]}, None)], cfg)
+    m_big = train_step(big, [({"image": images, "label": labels}, None)], cfg)
+    m_small = train_step(small, [({"image": images[:2], "label": labels[:2]}, None),
+                                 ({"image": images[2:], "label": labels[2:]}, None)], cfg)
     assert big.iteration == small.iteration == 1
     moved = 0
     for (name, a), b in zip(big.student_module.named_parameters(), small.student_module.parameters()):

@@ -86,7 +86,7 @@ def _run(state, cfg, batches, after_step=None) -> list[float]:
     losses = []
     for i, (labeled, unlabeled) in enumerate(batches):
         torch.manual_seed(1000 + i)  # Dropout2d draws from the global RNG, in both runs alike
-        metrics = train_step(state, labeled, unlabeled, cfg)
+        metrics = train_step(state, [(labeled, unlabeled)], cfg)
         losses.append(metrics["loss"].item())
         if after_step is not None:
             after_step(i)

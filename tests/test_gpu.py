@@ -43,7 +43,7 @@ def test_training_steps_on_cuda(amp, channels_last):
     g = torch.Generator().manual_seed(0)
     before = [p.detach().clone() for p in state.student_module.parameters()]
     for _ in range(4):
-        metrics = train_step(state, batch(4, 96, 6, g, "cuda"), batch(4, 96, 6, g, "cuda"), cfg)
+        metrics = train_step(state, [(batch(4, 96, 6, g, "cuda"), batch(4, 96, 6, g, "cuda"))], cfg)
     torch.cuda.synchronize()
     assert torch.isfinite(metrics["loss"]) and 0 < float(metrics["kept_fraction"]) <= 1
     assert metrics["threshold"].dtype == torch.float64  # the percentile stays fp64 under autocast

@@ -86,11 +86,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, toy_cfg, 
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 2, "trainer.log_every": 1})
     calls = {"n": 0}
 
-    def poisoned(state, labeled, unlabeled, cfg):
+    def poisoned(state, micro_batches, cfg):
         calls["n"] += 1
         if calls["n"] == 4:
-            labeled = dict(labeled, image=torch.full_like(labeled["image"], float("nan")))
-        return train_step(state, labeled, unlabeled, cfg)
+            (labeled, unlabeled), = micro_batches
+            micro_batches = [(dict(labeled, image=torch.full_like(labeled["image"], float("nan"))), unlabeled)]
+        return train_step(state, micro_batches, cfg)
 
     monkeypatch.setattr(loop_mod, "train_step", poisoned)
     # The 4th step is iteration 4 in the log's numbering (from 1), and the message says so.
@@ -113,7 +114,7 @@ def test_poly_lr_and_head_multiplier(toy_root, toy_cfg, tmp_path):
     for i, (lab, unl) in enumerate(zip(tl.labeled, tl.unlabeled)):
         if i == 3:
             break
-        metrics = train_step(state, lab, unl, cfg)
+        metrics = train_step(state, [(lab, unl)], cfg)
         expected = 0.02 * (1 - i / state.max_iters) ** 0.9
         assert metrics["lr"].item() == pytest.approx(expected)
         backbone, head = state.optimizer.param_groups
@@ -270,11 +271,11 @@ def test_a_raw_keyboard_interrupt_saves_nothing_mid_step(toy_root, toy_cfg, tmp_
     cfg = toy_cfg(toy_root, tmp_path, **{"trainer.eval_on": False, "trainer.save_every": 1})
     calls = {"n": 0}
 
-    def interrupted(state, labeled, unlabeled, cfg):
+    def interrupted(state, micro_batches, cfg):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return train_step(state, labeled, unlabeled, cfg)
+        return train_step(state, micro_batches, cfg)
 
     monkeypatch.setattr(loop_mod, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -27,7 +27,7 @@ def one_step(cfg, batch, seed: int = 0):
     torch.manual_seed(seed)
     state = loop.build_state(cfg, DistInfo(), iters_per_epoch=10)
     torch.manual_seed(seed + 1)
-    return state, train_step(state, *batch, cfg)
+    return state, train_step(state, [batch], cfg)
 
 
 def test_the_loader_gives_two_independent_strong_views_and_a_partner(toy_root, toy_cfg, tmp_path):

@@ -243,7 +243,7 @@ def test_one_release_exact_step_matches_unimatchs(one_thread, monkeypatch):
          for k, v in out.items()}))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    metrics = train_step(state, labeled, unlabeled, cfg)
+    metrics = train_step(state, [(labeled, unlabeled)], cfg)
 
     # Item 6: iteration 37 steps with lr(36), the LR UniMatch left after iteration 36.
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(ref["lr_before_step"], rel=1e-12)
@@ -370,7 +370,7 @@ def test_release_exact_trains_on_the_toy_with_the_lr_set_after_the_step(toy_root
         batches = epoch_batches(loaders.labeled, loaders.unlabeled, build_partner_loader(cfg, 0, 1))
         torch.manual_seed(0)
         state = loop.build_state(cfg, DistInfo(), iters_per_epoch=10)
-        metrics = [train_step(state, *next(batches), cfg) for _ in range(3)]
+        metrics = [train_step(state, [next(batches)], cfg) for _ in range(3)]
         assert all(torch.isfinite(m["loss"]) for m in metrics)
         assert ("mask_ratio" in metrics[0]) is exact
         lrs[exact] = [float(m["lr"]) for m in metrics]

@@ -212,7 +212,7 @@ def test_one_iteration_matches_the_release(tmp_path, golden_step, monkeypatch):
     draw = dpt.draw_comp_drop_mask
     monkeypatch.setattr(dpt, "draw_comp_drop_mask", lambda *a, **k: masks.append(draw(*a, **k)) or masks[-1])
 
-    metrics = train_step(state, *golden_batch(g), cfg)
+    metrics = train_step(state, [golden_batch(g)], cfg)
 
     # The LR the step ran with (set at the end of the release's previous iteration), and the next one.
     lrs = [group["lr"] for group in state.optimizer.param_groups]
@@ -257,7 +257,7 @@ def test_one_iteration_matches_the_release(tmp_path, golden_step, monkeypatch):
 def test_s4mc_replaces_the_threshold_on_both_views(tmp_path, golden_step):
     g = golden_step
     cfg = golden_cfg(tmp_path, refine=True)
-    metrics = train_step(golden_state(cfg, g), *golden_batch(g), cfg)
+    metrics = train_step(golden_state(cfg, g), [golden_batch(g)], cfg)
     # Same losses' structure, another selection: S4MC keeps its keep-percent schedule's share.
     assert {"loss_s1", "loss_s2", "keep_percent", "threshold"} <= set(metrics)
     assert float(metrics["loss"]) == pytest.approx(

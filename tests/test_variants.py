@@ -105,7 +105,7 @@ def test_step_returns_pseudo_label_diagnostics(toy_root, toy_cfg, tmp_path):
     cfg = toy_cfg(toy_root, tmp_path)
     state = loop.build_state(cfg, DistInfo(), iters_per_epoch=8)
     tl = build_train_loaders(cfg, seed=0)
-    metrics = train_step(state, next(iter(tl.labeled)), next(iter(tl.unlabeled)), cfg)
+    metrics = train_step(state, [(next(iter(tl.labeled)), next(iter(tl.unlabeled)))], cfg)
     for key in ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kept_accuracy_unrefined",
                 "kept_accuracy_same_share", "flipped_to_keep", "flipped_to_drop", "threshold"):
         assert key in metrics, key

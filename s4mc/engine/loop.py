@@ -12,7 +12,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,12 +25,14 @@ from s4mc.data.priors import resolve_prior
 from s4mc.engine.batches import build_partner_loader, epoch_batches, loader_options
 from s4mc.engine.interrupt import StopRequest, TrainingInterrupted, interrupted_message, worker_died
 from s4mc.engine.optim import build_optimizer, resolve_accumulate
+from s4mc.engine.run_dir import (ResumePoint, checkpoint_dir, clear_outputs, find_resume, last_logged_iteration,
+                                 refuse_to_overwrite)
 from s4mc.engine.run_header import announce_run_header, build_run_header, count_images
 from s4mc.engine.state import TrainState
-from s4mc.engine.step import accumulated_step, train_step
-from s4mc.errors import CheckpointError, ConfigError, S4MCError, clean_message
+from s4mc.engine.step import train_step
+from s4mc.errors import ConfigError, S4MCError, clean_message
 from s4mc.evaluation import evaluate_configured, format_table, training_protocols
-from s4mc.methods import METHODS, build_method, method_class
+from s4mc.methods import METHODS, build_method
 from s4mc.models import build_model, load_checkpoint, maybe_sync_bn
 from s4mc.runtime import resolve_amp, seed_everything, write_run_info
 from s4mc.terms import build_terms, needs_rep
@@ -111,81 +114,7 @@ def build_state(cfg: dict, dist: DistInfo, iters_per_epoch: int) -> TrainState:
     )
 
 
-def checkpoint_dir(run_dir: Path, cfg: dict) -> Path:
-    """`saver.checkpoint_dir`, relative to the run directory unless absolute."""
-    return run_dir / os.path.expanduser(cfg["saver"]["checkpoint_dir"])
-
-
-class ResumePoint(NamedTuple):
-    path: Path
-    checkpoint: dict
-    skipped: list  # [(path, why)]: newer checkpoints of the run that could not be used
-
-
-def _last_logged_iteration(run_dir: Path) -> int | None:
-    """The last iteration metrics.jsonl recorded: how far the run had come before its last checkpoint."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        return max(int(json.loads(line)["iteration"]) for line in lines if line.strip())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _no_checkpoint_to_continue(run_dir: Path, ckpt_dir: Path, why: str) -> CheckpointError:
-    """The refusal when a run's folder holds nothing to resume from; it names what works."""
-    best = ckpt_dir / ckpt_io.BEST
-    start_from_best = (f", or start a new run from {best.name}'s weights: --name NEW --opts saver.pretrain={best}"
-                       if best.is_file() else "")
-    return CheckpointError(f"--resume auto: {why}. Start the run over with --overwrite (it deletes the "
-                           f"checkpoints), give it another --name{start_from_best}.")
-
-
-def find_resume(resume: str | None, run_dir: Path, cfg: dict) -> ResumePoint | None:
-    """The checkpoint a run continues from, loaded.
-
-    `auto`: the newest of latest.pth and latest.prev.pth that loads (a warning in the run's log
-    names the one used and the iterations done again); none of them: a fresh start, unless the
-    folder holds other checkpoints (best.pth), which a fresh start would replace.
-    """
-    if resume is None and cfg["saver"]["auto_resume"]:
-        resume = "auto"
-    if resume is None:
-        return None
-    ckpt_dir = checkpoint_dir(run_dir, cfg)
-    if resume == "auto":
-        latest = ckpt_dir / ckpt_io.LATEST
-        candidates = [latest, ckpt_io.previous_of(latest)]
-        skipped = []
-        for path in candidates:
-            if not path.is_file():
-                if path == latest and candidates[1].is_file():
-                    skipped.append((path, "it is missing"))
-                continue
-            try:
-                return ResumePoint(path, ckpt_io.load_training_checkpoint(path), skipped)
-            except CheckpointError as exc:
-                skipped.append((path, str(exc).replace(str(path), path.name)))
-        if skipped:
-            raise _no_checkpoint_to_continue(run_dir, ckpt_dir, "no checkpoint of the run loads: " + "; ".join(
-                f"{path.name}: {why}" for path, why in skipped))
-        others = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
-        if others:
-            raise _no_checkpoint_to_continue(
-                run_dir, ckpt_dir, f"{ckpt_dir} holds no {ckpt_io.LATEST} or {ckpt_io.PREVIOUS} to continue "
-                f"from, only {', '.join(others)}")
-        return None
-    path = Path(resume).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint file; {ckpt_io.resume_hint(path)}")
-    try:
-        return ResumePoint(path, ckpt_io.load_training_checkpoint(path), [])
-    except ckpt_io.NotResumable:
-        raise  # best.pth: its message names the ways on
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}. {ckpt_io.resume_hint(path)}") from exc
-
-
-def _set_epoch(loader, epoch: int) -> None:
+def set_epoch(loader, epoch: int) -> None:
     # Shuffling and each item's augmentation are functions of (seed, epoch, index): see
     # s4mc.data.loaders.SeededDataset. That is what makes a mid-epoch resume exact.
     sampler = getattr(loader, "sampler", None) if loader is not None else None
@@ -213,25 +142,105 @@ def evaluate_model(state: TrainState, cfg: dict, val_loader, semi: bool = True) 
                 for prefix, model in models.items() for mode in training_protocols(cfg)}
 
 
-def _refuse_to_overwrite(run_dir: Path, existing: list[str]) -> S4MCError:
-    if ckpt_io.LATEST in existing or ckpt_io.PREVIOUS in existing:
-        return S4MCError(
-            f"{run_dir} already holds a run ({', '.join(existing)}). Continue it with --resume auto, "
-            f"start it over with --overwrite, or give this run another --name."
-        )
-    return S4MCError(
-        f"{run_dir} already holds a run's {', '.join(existing)} but no {ckpt_io.LATEST} to continue from. "
-        f"Start it over with --overwrite (it deletes them), or give this run another --name."
-    )
+@dataclass
+class Run:
+    """One training run, from its set-up to its end: what `train`'s parts share."""
 
+    cfg: dict
+    dist: DistInfo
+    name: str
+    run_dir: Path
+    ckpt_dir: Path
+    state: TrainState
+    labeled_loader: Any
+    unlabeled_loader: Any
+    partner_loader: Any
+    val_loader: Any
+    info: Any  # s4mc.data.DatasetInfo: class names and palette for the logs
+    accumulate: int  # micro-batches per optimizer step
+    iters_per_epoch: int  # optimizer steps
+    stop_at: int  # the last optimizer step (the schedule's, or trainer.max_iters)
+    writer: Any = None  # TensorBoard, rank 0 only
+    metrics_log: MetricsLog | None = None
+    progress: Progress | None = None
+    stop: StopRequest | None = None
+    debug_dump: bool = False
+    debug: dict = field(default_factory=dict)
+    latest_iteration: int | None = None  # the iteration the last good latest checkpoint holds
+    latest_name: str = ckpt_io.LATEST
+    images_since_eval: bool = False
+    stepping: bool = False  # inside a training step: the state is not whole
+    results: dict | None = None  # the last evaluation, {protocol: result}, the selecting one first
+    start_time: float = 0.0
 
-def _clear_outputs(run_dir: Path, ckpt_dir: Path) -> None:
-    """--overwrite: remove the earlier run's outputs, so nothing of it is mistaken for this run's."""
-    for path in sorted([*ckpt_dir.glob("*.pth"), *ckpt_dir.glob("*.pth" + ckpt_io.DAMAGED_SUFFIX)]):
-        path.unlink()
-    for name in ("results.json", "train.log", "metrics.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    @property
+    def total_iters(self) -> int:
+        return self.cfg["trainer"]["epochs"] * self.iters_per_epoch
+
+    @property
+    def main_loader(self):
+        return self.labeled_loader if self.cfg["trainer"]["mode"] == "sup" else self.unlabeled_loader
+
+    def reduce_metrics(self, local: dict) -> dict:
+        reduced = all_reduce_mean(local)
+        self.state.history.append({k: float(v) for k, v in reduced.items()})
+        if self.debug_dump:
+            self.debug["local_metrics"] = {k: float(v) for k, v in local.items()}
+            self.debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
+        return reduced
+
+    def kept_note(self) -> str:
+        kept = self.ckpt_dir / self.latest_name
+        if not kept.is_file():
+            return "No checkpoint had been written yet."
+        when = f" (iteration {self.latest_iteration})" if self.latest_iteration is not None else ""
+        return f"The last good checkpoint, {kept}{when}, is kept."
+
+    def save(self, filename: str, epoch: int, epoch_done: bool) -> None:
+        """Write a checkpoint (rank 0), after every rank agrees the model is finite."""
+        state = self.state
+        check_finite(state, self.kept_note())
+        bad = ckpt_io.nonfinite_tensors(state)
+        if any_rank(bool(bad), state):
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
+            raise TrainingDiverged(
+                f"after iteration {state.iteration} the model holds non-finite values ({shown}) although the "
+                f"loss was finite; stopping without writing {filename}. {self.kept_note()}"
+            )
+        payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done, config=self.cfg)
+        failed = None
+        if self.dist.is_main:
+            try:
+                ckpt_io.save_atomic(ckpt_io.best_checkpoint(payload) if filename == ckpt_io.BEST else payload,
+                                    self.ckpt_dir / filename, keep_previous=filename == ckpt_io.LATEST)
+            except ckpt_io.CheckpointWriteError as exc:
+                failed = exc
+        if any_rank(failed is not None, state):  # every rank stops, none waits in a collective
+            if failed is None:
+                raise ckpt_io.CheckpointWriteError(f"rank 0 could not write {filename} (its error says why)", "")
+            raise ckpt_io.CheckpointWriteError(f"{failed}. {self.kept_note()} {failed.remedy}", failed.remedy)
+        if filename == ckpt_io.LATEST:
+            self.latest_iteration, self.latest_name = state.iteration, ckpt_io.LATEST
+
+    def interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(interrupted_message(
+            f"stopped by {self.stop.name} after iteration {self.state.iteration}; {self.ckpt_dir / 'latest.pth'} "
+            f"is saved. Continue with --resume auto."), self.stop.signum or signal.SIGINT)
+
+    def stopped_by_worker_death(self) -> TrainingInterrupted:
+        """A DataLoader worker died while a stop was pending (the signal reached it while it was
+        starting, before it ignored it): still the requested stop, not a crash."""
+        if not self.stepping and not self.dist.distributed:
+            # Between steps: the state is whole, save it (unless this iteration is saved already).
+            if self.latest_iteration != self.state.iteration:
+                self.save("latest.pth", self.state.epoch, epoch_done=False)
+            return self.interrupted()
+        # Mid-step, or with several processes (the others are in a collective a save would not
+        # match): nothing consistent to save here.
+        return TrainingInterrupted(
+            f"stopped by {self.stop.name} during iteration {self.state.iteration + 1}: a DataLoader worker was "
+            f"killed before the step ended, so nothing was saved now. {self.kept_note()} Continue with --resume auto.",
+            self.stop.signum or signal.SIGINT)
 
 
 def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "auto",
@@ -246,6 +255,44 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     debug_rank<R>.pt in the run directory, so a test can check that DDP kept the ranks identical
     and that logged metrics are rank means.
     """
+    run = start_run(cfg, name=name, resume=resume, device=device, local_rank=local_rank, argv=argv,
+                    overwrite=overwrite, debug_dump=debug_dump)
+    run.stop = StopRequest(run.dist.device, run.dist.distributed).install()
+    run.start_time = time.perf_counter()
+    try:
+        for epoch in range(run.state.epoch, cfg["trainer"]["epochs"]):
+            if run.state.iteration >= run.stop_at:
+                break
+            train_epoch(run, epoch)
+            end_epoch(run, epoch)
+    except TrainingInterrupted as exc:
+        log_fatal_to_file(str(exc), prefix="")
+        raise
+    except RuntimeError as exc:
+        if run.stop.signum is None or not worker_died(exc):
+            log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
+            raise
+        try:
+            stopped = run.stopped_by_worker_death()
+        except BaseException as inner:  # the save failed (a full disk, a non-finite model): that is the news
+            log_fatal_to_file(clean_message(inner) if isinstance(inner, S4MCError) else traceback.format_exc())
+            raise
+        log_fatal_to_file(str(stopped), prefix="")
+        raise stopped from None
+    except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
+        log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
+        raise
+    finally:
+        run.stop.restore()
+        if run.writer is not None:
+            run.writer.flush()
+    return finish_run(run)
+
+
+def start_run(cfg: dict, *, name: str, resume: str | None, device: str, local_rank: int | None,
+              argv: list[str] | None, overwrite: bool, debug_dump: bool) -> Run:
+    """Everything before the first step: processes, data, model, the resumed state, the run's
+    folder, its logs and its header."""
     dist = init_distributed(local_rank, device)
     tr = cfg["trainer"]
     run_dir = Path(cfg["output_dir"]) / name
@@ -256,48 +303,63 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
     continuing = resume_path is not None and resume_path.resolve().parent == ckpt_dir.resolve()
     existing = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
     if existing and not continuing and not overwrite:
-        raise _refuse_to_overwrite(run_dir, existing)
+        raise refuse_to_overwrite(run_dir, existing)
     seed_everything(cfg["seed"], dist.rank, tr["deterministic"])
 
     sup_only = tr["mode"] == "sup"
     check_batch_norm_batch(cfg, dist)
     loaders = build_train_loaders(cfg, rank=dist.rank, world_size=dist.world_size, seed=cfg["seed"],
                                   labeled_only=sup_only, **loader_options(cfg))
-    labeled_loader, unlabeled_loader = loaders.labeled, loaders.unlabeled
-    partner_loader = build_partner_loader(cfg, dist.rank, dist.world_size)
-    main_loader = labeled_loader if sup_only else unlabeled_loader
+    main_loader = loaders.labeled if sup_only else loaders.unlabeled
     accumulate = resolve_accumulate(cfg, dist.world_size)
     # An epoch is this many optimizer steps; a last group of fewer than `accumulate` batches is dropped.
     iters_per_epoch = len(main_loader) // accumulate
     if iters_per_epoch == 0:
         raise S4MCError(f"the training loader is empty: fewer batches ({len(main_loader)}) than trainer.accumulate "
                         f"({accumulate}), or fewer images than dataset.batch_size × GPUs")
-    info = dataset_info(cfg)
     val_loader = None
     if tr["eval_on"]:
         val_loader = build_val_loader(build_val_dataset(cfg), rank=dist.rank, world_size=dist.world_size,
                                       workers=cfg["dataset"]["workers"], batch_size=cfg["evaluation"]["batch_size"])
-
     state = build_state(cfg, dist, iters_per_epoch)
     if resume_point is not None:
-        checkpoint = resume_point.checkpoint
-        resume_point = resume_point._replace(checkpoint=None)
-        if checkpoint.get("config") is not None:
-            differences = ckpt_io.config_differences(checkpoint["config"], cfg)
-            if differences:
-                raise ConfigError(
-                    f"--resume {resume_path}: the config differs from the checkpoint's in keys that shape "
-                    f"the run:\n  " + "\n  ".join(differences) + "\nSet them back (--opts KEY=VALUE; the run's "
-                    f"config.yaml has them all), or train a new run under another --name."
-                )
-        ckpt_io.restore(state, checkpoint, str(resume_path))
-        del checkpoint
+        restore_from(state, resume_point, cfg)
 
-    # The start succeeded: from here on the run directory is this run's.
+    total_iters = tr["epochs"] * iters_per_epoch
+    run = Run(cfg=cfg, dist=dist, name=name, run_dir=run_dir, ckpt_dir=ckpt_dir, state=state,
+              labeled_loader=loaders.labeled, unlabeled_loader=loaders.unlabeled,
+              partner_loader=build_partner_loader(cfg, dist.rank, dist.world_size), val_loader=val_loader,
+              info=dataset_info(cfg), accumulate=accumulate, iters_per_epoch=iters_per_epoch,
+              stop_at=min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters, debug_dump=debug_dump)
+    if continuing and resume_path.name in (ckpt_io.LATEST, ckpt_io.PREVIOUS):
+        run.latest_iteration, run.latest_name = state.iteration, resume_path.name
+    open_run_dir(run, resume, resume_point, continuing, overwrite, argv)
+    announce(run, resume_path is not None)
+    return run
+
+
+def restore_from(state: TrainState, resume_point: ResumePoint, cfg: dict) -> None:
+    """Load the resumed checkpoint into the state, refusing a config that would train another run."""
+    checkpoint = resume_point.checkpoint
+    if checkpoint.get("config") is not None:
+        differences = ckpt_io.config_differences(checkpoint["config"], cfg)
+        if differences:
+            raise ConfigError(
+                f"--resume {resume_point.path}: the config differs from the checkpoint's in keys that shape "
+                "the run:\n  " + "\n  ".join(differences) + "\nSet them back (--opts KEY=VALUE; the run's "
+                "config.yaml has them all), or train a new run under another --name."
+            )
+    ckpt_io.restore(state, checkpoint, str(resume_point.path))
+
+
+def open_run_dir(run: Run, resume: str | None, resume_point: ResumePoint | None, continuing: bool,
+                 overwrite: bool, argv: list[str] | None) -> None:
+    """The start succeeded: from here on the run directory is this run's (rank 0 writes it)."""
+    run_dir, ckpt_dir, state = run.run_dir, run.ckpt_dir, run.state
     set_aside = []
-    if dist.is_main:
+    if run.dist.is_main:
         if overwrite and not continuing:
-            _clear_outputs(run_dir, ckpt_dir)
+            clear_outputs(run_dir, ckpt_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # saver.checkpoint_dir may be elsewhere (absolute)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt_io.remove_stale_temporaries(ckpt_dir)
@@ -307,13 +369,14 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
                 set_aside.append(path.with_name(path.name + ckpt_io.DAMAGED_SUFFIX))
                 os.replace(path, set_aside[-1])
         attach_log_file(run_dir / "train.log")
-        write_run_info(run_dir, cfg, dist, argv or sys.argv)
+        write_run_info(run_dir, run.cfg, run.dist, argv or sys.argv)
         for path in stale:
             log.info("removed %s, left by a checkpoint write that did not finish", path.name)
     barrier()
-    log.info("run %s: %d process(es) on %s, run directory %s", name, dist.world_size, dist.device, run_dir)
-    if dist.is_main and resume_point is not None and resume_point.skipped:
-        reached = _last_logged_iteration(run_dir)
+    log.info("run %s: %d process(es) on %s, run directory %s", run.name, run.dist.world_size, run.dist.device,
+             run_dir)
+    if run.dist.is_main and resume_point is not None and resume_point.skipped:
+        reached = last_logged_iteration(run_dir)
         # metrics.jsonl says how far the run had come (to its last logged iteration, at least).
         redone = (f"the run had logged iteration {reached}, so at least {reached - state.iteration} iterations "
                   f"are done again" if reached is not None and reached > state.iteration else
@@ -321,231 +384,165 @@ def train(cfg: dict, *, name: str, resume: str | None = None, device: str = "aut
         log.warning("--resume auto: %s; resuming from %s (iteration %d) instead: %s%s",
                     "; ".join(f"{p.name} {why}" if why == "it is missing" else f"{p.name} cannot be used ({why})"
                               for p, why in resume_point.skipped),
-                    resume_path, state.iteration, redone,
+                    resume_point.path, state.iteration, redone,
                     "".join(f"; the unreadable file is kept as {p}" for p in set_aside))
-    if resume_path is not None:
+    if resume_point is not None:
         log.info("resumed from %s at epoch %d, iteration %d (best mIoU %.2f)",
-                 resume_path, state.epoch + 1, state.iteration, 100 * state.best_miou)
+                 resume_point.path, state.epoch + 1, state.iteration, 100 * state.best_miou)
     elif resume == "auto":
         log.info("--resume auto: no checkpoint in %s yet, starting fresh", ckpt_dir)
-    writer = None
-    if dist.is_main:
-        writer = open_writer(run_dir, purge_step=state.iteration + 1 if resume_path is not None else None)
 
-    total_iters = tr["epochs"] * iters_per_epoch
-    stop_at = min(total_iters, tr["max_iters"]) if tr["max_iters"] else total_iters
-    images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * accumulate * (1 if sup_only else 2)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.iteration if resume_path is not None else None) \
-        if dist.is_main else None
-    semi_from = None if sup_only or not 0 < tr["sup_only_epoch"] < tr["epochs"] else tr["sup_only_epoch"] * iters_per_epoch
-    method_cls = METHODS[tr["method"]]
-    loss_parts = getattr(method_cls, "console_loss_parts", None)
-    progress = Progress(total_iters, images_per_iter, tr["log_every"], writer, metrics_log, stop_at=stop_at,
-                        semi_from=semi_from, main=dist.is_main,
-                        loss_parts=(lambda values: loss_parts(cfg, values)) if loss_parts is not None else None)
+
+def announce(run: Run, resumed: bool) -> None:
+    """The run's writers, its progress line and its header."""
+    cfg, dist, state = run.cfg, run.dist, run.state
+    tr = cfg["trainer"]
+    sup_only = tr["mode"] == "sup"
+    if dist.is_main:
+        run.writer = open_writer(run.run_dir, purge_step=state.iteration + 1 if resumed else None)
+        run.metrics_log = MetricsLog(run.run_dir / "metrics.jsonl", state.iteration if resumed else None)
+    images_per_iter = cfg["dataset"]["batch_size"] * dist.world_size * run.accumulate * (1 if sup_only else 2)
+    semi_from = (None if sup_only or not 0 < tr["sup_only_epoch"] < tr["epochs"]
+                 else tr["sup_only_epoch"] * run.iters_per_epoch)
+    loss_parts = getattr(METHODS[tr["method"]], "console_loss_parts", None)
+    run.progress = Progress(run.total_iters, images_per_iter, tr["log_every"], run.writer, run.metrics_log,
+                            stop_at=run.stop_at, semi_from=semi_from, main=dist.is_main,
+                            loss_parts=(lambda values: loss_parts(cfg, values)) if loss_parts is not None else None)
     header = build_run_header(
-        cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=iters_per_epoch * accumulate,
-        accumulate=accumulate,
-        labeled_images=count_images(labeled_loader), unlabeled_images=count_images(unlabeled_loader),
-        val_images=count_images(val_loader), amp_dtype=state.amp_dtype, channels_last=state.channels_last)
+        cfg, world_size=dist.world_size, optimizer=state.optimizer, iters_per_epoch=run.iters_per_epoch * run.accumulate,
+        accumulate=run.accumulate, labeled_images=count_images(run.labeled_loader),
+        unlabeled_images=count_images(run.unlabeled_loader), val_images=count_images(run.val_loader),
+        amp_dtype=state.amp_dtype, channels_last=state.channels_last)
     if dist.is_main:
-        announce_run_header(header, run_dir, log)
+        announce_run_header(header, run.run_dir, log)
         if not sup_only:
-            log.info("%s", ground_truth_note(unlabeled_loader))
-        if state.iteration < stop_at:
+            log.info("%s", ground_truth_note(run.unlabeled_loader))
+        if state.iteration < run.stop_at:
             log.info("training: %d optimizer steps to go; a line after the first step, then every %d steps "
-                     "(and at least every %.0f s)", stop_at - state.iteration, tr["log_every"], progress.heartbeat_s)
+                     "(and at least every %.0f s)", run.stop_at - state.iteration, tr["log_every"],
+                     run.progress.heartbeat_s)
 
-    debug: dict = {}
 
-    def reduce_metrics(local: dict) -> dict:
-        reduced = all_reduce_mean(local)
-        state.history.append({k: float(v) for k, v in reduced.items()})
-        if debug_dump:
-            debug["local_metrics"] = {k: float(v) for k, v in local.items()}
-            debug["reduced_metrics"] = {k: float(v) for k, v in reduced.items()}
-        return reduced
+def train_epoch(run: Run, epoch: int) -> None:
+    """The epoch's optimizer steps (those not done yet, when the run resumed mid-epoch)."""
+    cfg, state = run.cfg, run.state
+    tr = cfg["trainer"]
+    state.epoch = epoch
+    for loader in (run.main_loader, run.labeled_loader, run.partner_loader):
+        set_epoch(loader, epoch)
+    done_in_epoch = state.iteration - epoch * run.iters_per_epoch
+    epoch_end = (epoch + 1) * run.iters_per_epoch
+    evaluates = run.val_loader is not None and ((epoch + 1) % tr["eval_every"] == 0 or epoch == tr["epochs"] - 1)
+    batches = epoch_batches(run.labeled_loader, None if tr["mode"] == "sup" else run.unlabeled_loader,
+                            run.partner_loader)
+    if done_in_epoch >= run.iters_per_epoch:
+        batches = iter(())  # stopped after the epoch's last step, before its evaluation
+    elif done_in_epoch > 0:
+        # Resuming mid-epoch: replay the epoch's data stream up to where it stopped (checkpoints
+        # are written between optimizer steps only, so this is a whole number of groups).
+        batches = itertools.islice(batches, done_in_epoch * run.accumulate, None)
+    for micro_batches in groups(batches, run.accumulate):
+        next_iteration = state.iteration + 1
+        before_eval = ((evaluates and next_iteration == epoch_end)
+                       or (run.val_loader is not None and next_iteration == run.stop_at))
+        # Images every image_every steps, and at least once before each evaluation.
+        state.capture_visuals = run.writer is not None and tr["image_every"] > 0 and (
+            next_iteration % tr["image_every"] == 0 or (before_eval and not run.images_since_eval))
+        run.stepping = True
+        metrics = train_step(state, micro_batches, cfg)
+        run.stepping = False
+        log_step(run, epoch, metrics)
+        if tr["save_every"] and state.iteration % tr["save_every"] == 0:
+            run.save("latest.pth", epoch, epoch_done=False)
+        if state.iteration >= run.stop_at:
+            break
+        if run.stop.agreed():
+            run.save("latest.pth", epoch, epoch_done=False)
+            raise run.interrupted()
 
-    latest_iteration = state.iteration if continuing and resume_path.name in (ckpt_io.LATEST, ckpt_io.PREVIOUS) \
-        else None
-    latest_name = resume_path.name if latest_iteration is not None else ckpt_io.LATEST
 
-    def kept_note() -> str:
-        kept = ckpt_dir / latest_name
-        if not kept.is_file():
-            return "No checkpoint had been written yet."
-        when = f" (iteration {latest_iteration})" if latest_iteration is not None else ""
-        return f"The last good checkpoint, {kept}{when}, is kept."
+def log_step(run: Run, epoch: int, metrics: dict) -> None:
+    """Images, the progress line (with the finite check the logged window needs) and its heartbeat."""
+    state, cfg = run.state, run.cfg
+    if state.visuals is not None:
+        log_visuals(run.writer, state.visuals, run.info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
+                    cfg["dataset"]["ignore_index"], state.iteration)
+        state.visuals = None
+        run.images_since_eval = True
+    epochs = cfg["trainer"]["epochs"]
+    run.progress.update(metrics, state.iteration)
+    if run.progress.due(state.iteration):
+        check_finite(state, run.kept_note())
+        run.progress.emit(epoch=epoch, epochs=epochs, iteration=state.iteration, reduce=run.reduce_metrics)
+    else:
+        run.progress.heartbeat(epoch=epoch, epochs=epochs, iteration=state.iteration)
 
-    def save(filename: str, epoch: int, epoch_done: bool) -> None:
-        nonlocal latest_iteration, latest_name
-        check_finite(state, kept_note())
-        bad = ckpt_io.nonfinite_tensors(state)
-        if any_rank(bool(bad), state):
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else "on another rank"
-            raise TrainingDiverged(
-                f"after iteration {state.iteration} the model holds non-finite values ({shown}) although the "
-                f"loss was finite; stopping without writing {filename}. {kept_note()}"
-            )
-        payload = ckpt_io.make_checkpoint(state, epoch=epoch, epoch_done=epoch_done, config=cfg)
-        failed = None
-        if dist.is_main:
-            try:
-                ckpt_io.save_atomic(ckpt_io.best_checkpoint(payload) if filename == ckpt_io.BEST else payload,
-                                    ckpt_dir / filename, keep_previous=filename == ckpt_io.LATEST)
-            except ckpt_io.CheckpointWriteError as exc:
-                failed = exc
-        if any_rank(failed is not None, state):  # every rank stops, none waits in a collective
-            if failed is None:
-                raise ckpt_io.CheckpointWriteError(f"rank 0 could not write {filename} (its error says why)", "")
-            raise ckpt_io.CheckpointWriteError(f"{failed}. {kept_note()} {failed.remedy}", failed.remedy)
-        if filename == ckpt_io.LATEST:
-            latest_iteration, latest_name = state.iteration, ckpt_io.LATEST
 
-    stop = StopRequest(dist.device, dist.distributed).install()
+def end_epoch(run: Run, epoch: int) -> None:
+    """Evaluate when due (best.pth on a new best), save latest.pth, and honour a pending stop."""
+    tr, state = run.cfg["trainer"], run.state
+    epoch_done = state.iteration >= (epoch + 1) * run.iters_per_epoch
+    last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= run.stop_at
+    if run.val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
+        if evaluate_and_log(run, epoch):
+            run.save(ckpt_io.BEST, epoch, epoch_done=epoch_done)
+    run.save("latest.pth", epoch, epoch_done=epoch_done)
+    if not last_epoch and run.stop.agreed():
+        raise run.interrupted()
 
-    def interrupted() -> TrainingInterrupted:
-        return TrainingInterrupted(interrupted_message(
-            f"stopped by {stop.name} after iteration {state.iteration}; {ckpt_dir / 'latest.pth'} is saved. "
-            f"Continue with --resume auto."), stop.signum or signal.SIGINT)
 
-    def stopped_by_worker_death() -> TrainingInterrupted:
-        """A DataLoader worker died while a stop was pending (the signal reached it while it was
-        starting, before it ignored it): still the requested stop, not a crash."""
-        if not stepping and not dist.distributed:
-            # Between steps: the state is whole, save it (unless this iteration is saved already).
-            if latest_iteration != state.iteration:
-                save("latest.pth", state.epoch, epoch_done=False)
-            return interrupted()
-        # Mid-step, or with several processes (the others are in a collective a save would not
-        # match): nothing consistent to save here.
-        return TrainingInterrupted(
-            f"stopped by {stop.name} during iteration {state.iteration + 1}: a DataLoader worker was killed "
-            f"before the step ended, so nothing was saved now. {kept_note()} Continue with --resume auto.",
-            stop.signum or signal.SIGINT)
+def evaluate_and_log(run: Run, epoch: int) -> bool:
+    """Evaluate with every protocol the run logs; True when the selecting one reached a new best."""
+    tr, state = run.cfg["trainer"], run.state
+    semi = tr["mode"] != "sup" and epoch >= tr["sup_only_epoch"]
+    run.results = evaluate_model(state, run.cfg, run.val_loader, semi=semi)
+    (selecting, result), *also = run.results.items()
+    run.images_since_eval = False
+    improved = result.miou > state.best_miou
+    state.best_miou = max(state.best_miou, result.miou)
+    beside = "".join(f", {mode} {100 * r.miou:.2f}" for mode, r in also)
+    log.info("epoch %d: mIoU %.2f%s (best %.2f)%s in %.1fs", epoch + 1, 100 * result.miou,
+             f" {selecting}" if also else "", 100 * state.best_miou, beside, sum(r.seconds for r in run.results.values()))
+    if run.metrics_log is not None:
+        run.metrics_log.write("val", state.iteration, epoch, {
+            "miou": result.miou, "pixel_acc": result.pixel_acc, **{f"miou_{mode}": r.miou for mode, r in also}},
+            labels={"protocol": selecting})
+    if run.writer is not None:
+        run.writer.add_scalar("val/mIoU", 100 * result.miou, state.iteration)
+        for mode, r in also:
+            run.writer.add_scalar(f"val/mIoU_{mode}", 100 * r.miou, state.iteration)
+        for cls, iou in zip(run.info.class_names, result.iou):
+            if iou == iou:  # NaN marks a class absent from prediction and ground truth
+                run.writer.add_scalar(f"val/IoU/{cls}", 100 * iou, state.iteration)
+    return improved
 
-    last_result = None
-    images_since_eval = False
-    stepping = False  # inside a training step: the state is not whole
-    start_time = time.perf_counter()
-    try:
-        for epoch in range(state.epoch, tr["epochs"]):
-            if state.iteration >= stop_at:
-                break
-            state.epoch = epoch
-            for loader in (main_loader, labeled_loader, partner_loader):
-                _set_epoch(loader, epoch)
-            done_in_epoch = state.iteration - epoch * iters_per_epoch
-            epoch_end = (epoch + 1) * iters_per_epoch
-            evaluates = val_loader is not None and ((epoch + 1) % tr["eval_every"] == 0 or epoch == tr["epochs"] - 1)
-            batches = epoch_batches(labeled_loader, None if sup_only else unlabeled_loader, partner_loader)
-            if done_in_epoch >= iters_per_epoch:
-                batches = iter(())  # stopped after the epoch's last step, before its evaluation
-            elif done_in_epoch > 0:
-                # Resuming mid-epoch: replay the epoch's data stream up to where it stopped (checkpoints
-                # are written between optimizer steps only, so this is a whole number of groups).
-                batches = itertools.islice(batches, done_in_epoch * accumulate, None)
-            for group in _groups(batches, accumulate):
-                next_iteration = state.iteration + 1
-                before_eval = (evaluates and next_iteration == epoch_end) or (val_loader is not None and next_iteration == stop_at)
-                # Images every image_every steps, and at least once before each evaluation.
-                state.capture_visuals = writer is not None and tr["image_every"] > 0 and (
-                    next_iteration % tr["image_every"] == 0 or (before_eval and not images_since_eval))
-                stepping = True
-                metrics = train_step(state, *group[0], cfg) if accumulate == 1 else accumulated_step(state, group, cfg)
-                stepping = False
-                if state.visuals is not None:
-                    log_visuals(writer, state.visuals, info.palette, cfg["dataset"]["mean"], cfg["dataset"]["std"],
-                                cfg["dataset"]["ignore_index"], state.iteration)
-                    state.visuals = None
-                    images_since_eval = True
-                progress.update(metrics, state.iteration)
-                if progress.due(state.iteration):
-                    check_finite(state, kept_note())
-                    progress.emit(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration, reduce=reduce_metrics)
-                else:
-                    progress.heartbeat(epoch=epoch, epochs=tr["epochs"], iteration=state.iteration)
-                if tr["save_every"] and state.iteration % tr["save_every"] == 0:
-                    save("latest.pth", epoch, epoch_done=False)
-                if state.iteration >= stop_at:
-                    break
-                if stop.agreed():
-                    save("latest.pth", epoch, epoch_done=False)
-                    raise interrupted()
-            epoch_done = state.iteration >= epoch_end
-            last_epoch = epoch == tr["epochs"] - 1 or state.iteration >= stop_at
-            if val_loader is not None and ((epoch_done and (epoch + 1) % tr["eval_every"] == 0) or last_epoch):
-                semi = not sup_only and epoch >= tr["sup_only_epoch"]
-                results = evaluate_model(state, cfg, val_loader, semi=semi)
-                (selecting, last_result), *also = results.items()
-                images_since_eval = False
-                improved = last_result.miou > state.best_miou
-                state.best_miou = max(state.best_miou, last_result.miou)
-                beside = "".join(f", {mode} {100 * r.miou:.2f}" for mode, r in also)
-                log.info("epoch %d: mIoU %.2f%s (best %.2f)%s in %.1fs", epoch + 1, 100 * last_result.miou,
-                         f" {selecting}" if also else "", 100 * state.best_miou, beside,
-                         sum(r.seconds for r in results.values()))
-                if metrics_log is not None:
-                    metrics_log.write("val", state.iteration, epoch, {
-                        "miou": last_result.miou, "pixel_acc": last_result.pixel_acc,
-                        **{f"miou_{mode}": r.miou for mode, r in also}}, labels={"protocol": selecting})
-                if writer is not None:
-                    writer.add_scalar("val/mIoU", 100 * last_result.miou, state.iteration)
-                    for mode, r in also:
-                        writer.add_scalar(f"val/mIoU_{mode}", 100 * r.miou, state.iteration)
-                    for cls, iou in zip(info.class_names, last_result.iou):
-                        if iou == iou:  # NaN marks a class absent from prediction and ground truth
-                            writer.add_scalar(f"val/IoU/{cls}", 100 * iou, state.iteration)
-                if improved:
-                    save(ckpt_io.BEST, epoch, epoch_done=epoch_done)
-            save("latest.pth", epoch, epoch_done=epoch_done)
-            if not last_epoch and stop.agreed():
-                raise interrupted()
-    except TrainingInterrupted as exc:
-        log_fatal_to_file(str(exc), prefix="")
-        raise
-    except RuntimeError as exc:
-        if stop.signum is None or not worker_died(exc):
-            log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
-            raise
-        try:
-            stopped = stopped_by_worker_death()
-        except BaseException as inner:  # the save failed (a full disk, a non-finite model): that is the news
-            log_fatal_to_file(clean_message(inner) if isinstance(inner, S4MCError) else traceback.format_exc())
-            raise
-        log_fatal_to_file(str(stopped), prefix="")
-        raise stopped from None
-    except BaseException as exc:  # the run's log says how it ended, once (only rank 0 has the file)
-        log_fatal_to_file(clean_message(exc) if isinstance(exc, S4MCError) else traceback.format_exc())
-        raise
-    finally:
-        stop.restore()
-        if writer is not None:
-            writer.flush()
 
-    if debug_dump:
-        debug["params"] = {k: v.detach().cpu().clone() for k, v in state.student_module.named_parameters()}
-        torch.save(debug, run_dir / f"debug_rank{dist.rank}.pt")
-    elapsed = time.perf_counter() - start_time
-    summary = {"run_dir": str(run_dir), "iterations": state.iteration, "seconds": elapsed,
+def finish_run(run: Run) -> dict:
+    """The final tables, the study comparison and results.json; the run's summary."""
+    cfg, state = run.cfg, run.state
+    if run.debug_dump:
+        run.debug["params"] = {k: v.detach().cpu().clone() for k, v in state.student_module.named_parameters()}
+        torch.save(run.debug, run.run_dir / f"debug_rank{run.dist.rank}.pt")
+    elapsed = time.perf_counter() - run.start_time
+    summary = {"run_dir": str(run.run_dir), "iterations": state.iteration, "seconds": elapsed,
                "best_miou": state.best_miou, "diagnostics": mean_diagnostics(state.history)}
-    if last_result is not None:
-        for mode, r in results.items():
+    if run.results is not None:
+        (selecting, result), *also = run.results.items()
+        for mode, r in run.results.items():
             weights = "teacher" if state.semi_start is not None and not mode.startswith("student_") else "student"
-            log.info("final evaluation (%s, %s):\n%s", mode, weights,
-                     format_table(r, info.class_names))
+            log.info("final evaluation (%s, %s):\n%s", mode, weights, format_table(r, run.info.class_names))
         summary["selected_by"] = selecting  # the protocol of best_miou and "final"; the run header's first
-        summary["final"] = last_result.to_json()  # the protocol that selected best.pth
+        summary["final"] = result.to_json()  # the protocol that selected best.pth
         summary["final_also"] = {mode: r.to_json() for mode, r in also}
-        if cfg["evaluation"]["compare_with"] and state.iteration < total_iters:
+        study = cfg["evaluation"]["compare_with"]
+        if study and state.iteration < run.total_iters:
             # The study's rows ran the whole schedule; a shorter run is not comparable with them.
             log.info("no comparison with %s: this run stopped at %d of the schedule's %d iterations",
-                     cfg["evaluation"]["compare_with"], state.iteration, total_iters)
-        elif cfg["evaluation"]["compare_with"]:
-            log.info("%s", comparison_line(cfg["evaluation"]["compare_with"], last_result.miou, study_row(cfg),
-                                           iterations=state.iteration))
-        if dist.is_main:
-            (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+                     study, state.iteration, run.total_iters)
+        elif study:
+            log.info("%s", comparison_line(study, result.miou, study_row(cfg), iterations=state.iteration))
+        if run.dist.is_main:
+            (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     log.info("training finished: %d iterations in %s", state.iteration, format_duration(elapsed))
     detach_log_file()
     return summary
@@ -555,7 +552,7 @@ DIAGNOSTICS = ("kept_fraction", "kept_fraction_unrefined", "kept_accuracy", "kep
                "kept_accuracy_same_share", "flipped_to_keep", "flipped_to_drop", "flipped_fraction", "threshold")
 
 
-def _groups(batches, size: int):
+def groups(batches, size: int):
     """Consecutive lists of `size` items; a shorter tail is dropped (an optimizer step is whole)."""
     group = []
     for item in batches:

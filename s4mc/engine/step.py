@@ -16,21 +16,15 @@ from s4mc.engine.optim import set_lr
 from s4mc.engine.state import TrainState
 
 
-def train_step(state: TrainState, labeled: dict, unlabeled: dict | None, cfg: dict) -> dict:
-    """Run one iteration and return its metrics as detached 0-dim device tensors.
+def train_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
+    """One optimizer step over `micro_batches` [(labeled, unlabeled), ...]: one pair, or
+    `trainer.accumulate` of them. Returns its metrics as detached 0-dim device tensors.
 
     `unlabeled=None` trains on labeled data only. A partner batch, when the method needs
-    one, is already inside `unlabeled` (s4mc/engine/batches.py).
-    """
-    return accumulated_step(state, [(labeled, unlabeled)], cfg)
-
-
-def accumulated_step(state: TrainState, micro_batches: list, cfg: dict) -> dict:
-    """One optimizer step over `micro_batches` [(labeled, unlabeled), ...] (`trainer.accumulate`).
-
-    Every micro-batch does the method's full work (teacher forwards, mixing, S4MC mask); the
-    gradients of loss / N add up, then one optimizer step, one EMA update and one LR step.
-    `state.iteration` counts optimizer steps. Metrics are the micro-batches' mean.
+    one, is already inside `unlabeled` (s4mc/engine/batches.py). Every micro-batch does the
+    method's full work (teacher forwards, mixing, S4MC mask); the gradients of loss / N add up,
+    then one optimizer step, one EMA update and one LR step. `state.iteration` counts optimizer
+    steps. Metrics are the micro-batches' mean.
     """
     n = len(micro_batches)
     # A method may step with the LR of the previous iteration's point on the poly curve, as UniMatch
