@@ -334,7 +334,7 @@ def _trained_with(saved, cfg: dict, args) -> str:
     if not rows:
         return text + f"; its net block equals that of {args.config}."
     return (text + f"; its model differs from that of {args.config} in:\n  " + "\n  ".join(rows)
-            + f"\nLeave out --config to evaluate with the checkpoint's own config.")
+            + "\nLeave out --config to evaluate with the checkpoint's own config.")
 
 
 def run_eval(args, overrides: list[str]):

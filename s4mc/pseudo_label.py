@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from s4mc.diagnostics import pseudo_label_diagnostics
 from s4mc.errors import ConfigError

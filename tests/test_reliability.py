@@ -166,15 +166,7 @@ def test_the_interrupt_tests_pass_when_the_suite_starts_with_sigint_ignored(tmp_
 def test_ctrl_c_from_a_terminal_with_loader_workers(reference, tmp_path):
     """SIGINT to the whole process group (main process and DataLoader workers), as a terminal's
     Ctrl-C sends it; then the README's command again refuses, and --resume auto finishes the run."""
-    cfg = dict(reference["cfg"], output_dir=str(tmp_path))
-    cfg["dataset"] = dict(cfg["dataset"], workers=1)
-    config = tmp_path / "config.yaml"
-    dump_config(cfg, config)
-    args = ["--config", str(config), "--name", "run", "--device", "cpu"]
-    # The reference's thread count: a different one may round the convolutions differently.
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_semi.py"), *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, args = _launch_with_workers(reference, tmp_path, workers=1)
     for line in proc.stdout:
         if " iter 2/" in line:
             time.sleep(random.uniform(0, 0.3))

@@ -81,7 +81,6 @@ def build_run_header(cfg: dict, *, world_size: int, optimizer: torch.optim.Optim
     if tr["max_iters"]:
         total_steps = min(total_steps, tr["max_iters"])  # counts optimizer steps, as state.iteration does
     unsup = tr["unsupervised"]
-    ev = cfg["evaluation"]
     # Counts: the loaded datasets when the caller has them; else the split files; else the
     # config's own statement (dataset.n_sup). The header says which, since only the first
     # two are facts about the data on disk.

@@ -27,7 +27,6 @@ without ceil_mode (required of the config).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from s4mc import mixing
 from s4mc.losses import masked_ce_sum, supervised_loss
@@ -134,11 +133,7 @@ class UniMatch:
         student_fwd, teacher_fwd = state.forwards()
         size, ignore = mask_x.shape[-2:], self.s4mc.ignore_index
         n_x = img_x.shape[0]
-        # `_mix`: the partner images that are pasted into the strong views (UniMatch's mix batch).
-        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix = (
-            state.to_device(unlabeled[name], image=True) for name in
-            ("image", "image_strong", "image_strong_2", "partner_image", "partner_image_strong", "partner_image_strong_2"))
-        gt_u, gt_u_mix = state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"])
+        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix, gt_u, gt_u_mix = views(state, unlabeled)
         n_u = img_u_w.shape[0]
 
         # 1. Pseudo-labelling logits of the mix images (and of the weak view, with an EMA teacher), eval mode.
@@ -192,10 +187,7 @@ class UniMatch:
         student_fwd, _ = state.forwards()
         size, ignore = mask_x.shape[-2:], self.s4mc.ignore_index
         n_x = img_x.shape[0]
-        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix = (
-            state.to_device(unlabeled[name], image=True) for name in
-            ("image", "image_strong", "image_strong_2", "partner_image", "partner_image_strong", "partner_image_strong_2"))
-        gt_u, gt_u_mix = state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"])
+        img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix, gt_u, gt_u_mix = views(state, unlabeled)
         pad_u, pad_u_mix = state.to_device(unlabeled["padding"]), state.to_device(unlabeled["partner_padding"])
         n_u = img_u_w.shape[0]
 
@@ -259,6 +251,15 @@ class UniMatch:
             keep = conf_u >= self.threshold
             target = mask_u.masked_fill(~keep, self.s4mc.ignore_index)
         return target, {"kept_fraction": keep.float().mean()}
+
+
+def views(state, unlabeled: dict) -> tuple:
+    """The unlabeled batch on the device: the weak view, both strong views, the same three of the
+    `_mix` images that are pasted into the strong views (UniMatch's mix batch), and the ground
+    truth of both (diagnostics only)."""
+    images = (state.to_device(unlabeled[name], image=True) for name in
+              ("image", "image_strong", "image_strong_2", "partner_image", "partner_image_strong", "partner_image_strong_2"))
+    return (*images, state.to_device(unlabeled["label"]), state.to_device(unlabeled["partner_label"]))
 
 
 def supervised_loss_of(out: dict, n_x: int, mask_x, cfg: dict, size) -> torch.Tensor:
