@@ -15,6 +15,7 @@ import torch
 
 from s4mc import cli
 from s4mc.config import load_config
+from s4mc.engine.batches import loader_options
 from s4mc.distributed import DistInfo
 from s4mc.engine import loop
 from s4mc.engine.optim import poly_lr
@@ -263,6 +264,19 @@ def test_s4mc_replaces_the_threshold_on_both_views(tmp_path, golden_step):
     assert float(metrics["loss"]) == pytest.approx(
         float((metrics["loss_sup"] + (metrics["loss_s1"] + metrics["loss_s2"]) / 2) / 2), rel=1e-6)
     assert float(metrics["loss_s1"]) != pytest.approx(float(g["loss_u_s1"]), rel=1e-3)
+
+
+def test_the_loaders_padding_is_the_releases_ignore_mask(tmp_path, golden_step):
+    """The loaders' `padding` (true on the crop's padded border) trains exactly as the release's
+    ignore_mask (255 there): the golden iteration's losses, from the padding mask alone."""
+    g = golden_step
+    cfg = golden_cfg(tmp_path)
+    labeled, unlabeled = golden_batch(g)
+    padding = dict(unlabeled, padding=unlabeled.pop("ignore_mask") == 255)
+    metrics = train_step(golden_state(cfg, g), [(labeled, padding)], cfg)
+    for ours_, ref in (("loss_sup", "loss_x"), ("loss_s1", "loss_u_s1"), ("loss_s2", "loss_u_s2")):
+        assert float(metrics[ours_]) == pytest.approx(float(g[ref]), rel=1e-5), ours_
+    assert loader_options(cfg)["padding_mask"]  # so the loaders mark it
 
 
 # ----------------------------------------------------------------------------- the CLI

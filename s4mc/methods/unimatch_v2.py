@@ -16,9 +16,10 @@ Which pixels are kept is the only thing S4MC changes: `trainer.unsupervised.refi
 those whose teacher confidence reaches `trainer.unimatch_v2.threshold` (0.95); `refine: true`
 keeps those that S4MC's neighbour refinement and dynamic threshold keep, on both strong views.
 
-A batch may carry UniMatch V2's own `ignore_mask` (255: crop padding) and `cutmix_box1/2`
-(1: paste) per unlabeled image; without them nothing is ignored and the boxes are drawn here
-(the golden test passes the recorded ones).
+The loaders mark each unlabeled crop's padded border (`padding`, s4mc/data/loaders.py), which is
+UniMatch V2's `ignore_mask`: padded pixels are never pseudo-labelled and each unlabeled loss is
+divided by the non-padded count, as in the release. A batch may also carry the release's own
+`ignore_mask` (255: padding) and `cutmix_box1/2` (1: paste); the golden test passes recorded ones.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class UniMatchV2:
         return False  # CutMix partners come from the same batch, reversed
 
     @classmethod
+    def padding_mask(cls, cfg: dict) -> bool:
+        return True  # the release's ignore_mask: unlabeled padding is neither kept nor counted
+
+    @classmethod
     def describe(cls, cfg: dict) -> str:
         s = cfg["trainer"]["unimatch_v2"]
         selection = (describe_selection(cfg) if cfg["trainer"]["unsupervised"]["refine"]
@@ -122,8 +127,12 @@ class UniMatchV2:
                                        for name in ("image", "image_strong", "image_strong_2"))
         n_x, n_u = img_x.shape[0], img_u_w.shape[0]
         gt_u = state.to_device(unlabeled["label"]) if "label" in unlabeled else None
-        ignore_mask = (state.to_device(unlabeled["ignore_mask"]).long() if "ignore_mask" in unlabeled
-                       else torch.zeros(n_u, *size, dtype=torch.long, device=state.device))
+        if "ignore_mask" in unlabeled:
+            ignore_mask = state.to_device(unlabeled["ignore_mask"]).long()
+        elif "padding" in unlabeled:
+            ignore_mask = state.to_device(unlabeled["padding"]).long() * PADDING
+        else:
+            ignore_mask = torch.zeros(n_u, *size, dtype=torch.long, device=state.device)
         boxes = [state.to_device(unlabeled[name]).bool() if name in unlabeled else
                  sample_boxes(n_u, *size, self.mix_prob, state.generator, state.device)
                  for name in ("cutmix_box1", "cutmix_box2")]
