@@ -105,6 +105,15 @@ def check_data(out: str, tmp: Path) -> None:
     assert "crop 64, 2 images x 1 runs" in out
 
 
+def check_checkpoint_size(out: str, tmp: Path) -> None:
+    ((latest,),), ((best,),) = numbers(rf"^latest\.pth +({NUM}) MB", out, 1), numbers(rf"^best\.pth +({NUM}) MB", out, 1)
+    positive(latest, best)
+    assert best < latest / 2, out  # best.pth: the evaluated weights only
+    (apart, together), = numbers(rf"the keys apart: ({NUM}) MB; together: ({NUM}) MB", out, 1)
+    assert apart == together, out  # no tensor is stored twice
+    assert "evaluated_weights" in out and "optimizer_state" not in out.split("best.pth keys:")[1]
+
+
 def check_loss_trace(out: str, tmp: Path) -> None:
     lines = [line.split() for line in out.splitlines() if line.startswith("s4mc it=")]
     assert [line[1] for line in lines] == ["it=1", "it=2"], out
@@ -204,6 +213,7 @@ TOOLS = [
     Tool("benchmarks/method.py", ["--size", "24", "--batch", "2", "--runs", "2", "--warmup", "1", "--device", "cpu",
                                   "--neighbors", "8", "--k", "2", "--profile", "{tmp}/profile.txt"], check_method),
     Tool("benchmarks/margin_variants.py", ["--dry-run"], check_margin_variants),
+    Tool("benchmarks/checkpoint_size.py", ["--opts", *TINY_NET], check_checkpoint_size),
     Tool("benchmarks/loss_trace.py", ["--settings", "s4mc", "--iters", "2"], check_loss_trace),
     Tool("s4mc.toy_pretrain", ["--out-dir", "{tmp}/pre", "--pool-images", "4", "--epochs", "1", "--size", "32",
                                "--opts", "dataset.batch_size=2", "dataset.workers=0", "dataset.train.crop.size=[32,32]",
