@@ -308,3 +308,20 @@ def test_ade20k_trains_two_iterations_on_the_cpu_and_evaluates(tmp_path):
     assert code == 0
     final = json.loads((tmp_path / "runs/ade/results.json").read_text())["final"]
     assert final["num_images"] == 2 and len(final["iou"]) == 150
+
+
+def test_ade20k_unimatch_v2_config_trains_two_iterations_and_evaluates(tmp_path):
+    """The shipped ADE20K UniMatch V2 config, on a fake ADE20K tree, with a tiny ViT (no DINOv2 file)."""
+    root = fake_ade20k(tmp_path / "ade")
+    labeled, val = root / "splits/ade20k/631/labeled.txt", root / "splits/ade20k/val.txt"
+    code = train_main(["--config", str(REPO / "experiments/ade20k_unimatch_v2/631/config.yaml"), "--device", "cpu",
+                       "--name", "ade_v2", "--opts", f"output_dir={tmp_path / 'runs'}",
+                       f"dataset.train.data_root={root}", f"dataset.train.data_list={labeled}",
+                       f"dataset.val.data_root={root}", f"dataset.val.data_list={val}", "dataset.n_sup=null",
+                       "dataset.workers=0", "dataset.train.crop.size=[28,28]", "net.encoder.type=vit_tiny",
+                       "net.encoder.pretrained=null", "trainer.unsupervised.neighbor_prior=none",
+                       "trainer.max_iters=2", "trainer.log_every=1"])
+    assert code == 0
+    results = json.loads((tmp_path / "runs/ade_v2/results.json").read_text())
+    assert results["iterations"] == 2 and len(results["final"]["iou"]) == 150
+    assert results["final"]["num_images"] == 2

@@ -347,7 +347,8 @@ def test_the_voc_config_with_official_layout_weights_runs_on_the_cpu(tmp_path, c
 
 def test_the_configs_target_the_readme_numbers():
     tables = {"pascal_unimatch_v2": ((92, 183, 366, 732, 1464), "UniMatch V2, VOC classic"),
-              "cityscapes_unimatch_v2": ((186, 372, 744, 1488), "UniMatch V2, Cityscapes")}
+              "cityscapes_unimatch_v2": ((186, 372, 744, 1488), "UniMatch V2, Cityscapes"),
+              "ade20k_unimatch_v2": ((316, 631, 1263, 2526), "UniMatch V2, DINOv2-Base (UniMatch V2's README)")}
     for family, (splits, label) in tables.items():
         numbers = dict(zip(splits, _readme_row_any(label)))
         assert numbers, label
