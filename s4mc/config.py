@@ -25,13 +25,13 @@ from typing import Any
 
 import yaml
 
+from s4mc import REPO_ROOT
 from s4mc.errors import ConfigError
 from s4mc.methods import METHODS
 from s4mc.schema import NONE, NUM, REQUIRED, Key
 from s4mc.schema import key as _k
 from s4mc.terms import TERMS, active_terms
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Stands for `trainer.terms`, whose keys are term names and whose schemas come from s4mc.terms.
 TERMS_BLOCK = object()

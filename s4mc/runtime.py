@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from s4mc import __version__
-from s4mc.config import REPO_ROOT, dump_config
+from s4mc import REPO_ROOT, __version__
+from s4mc.config import dump_config
 from s4mc.distributed import DistInfo
 
 

@@ -17,6 +17,10 @@ with their number n, the published number (the run's `recipe.published_miou`) an
 missing and unfinished runs are marked, never dropped silently. It refuses to average runs of one
 cell whose protocols differ (environment.json's "protocol": global batch, evaluation; the training
 crop from the run's config.yaml) and names the difference. It writes table.json and table.md.
+
+As in s4mc/cli.py, the package's heavier modules (and submitit, an optional dependency for
+--launcher slurm) are imported inside the functions that use them, so that `--help`, `print` and
+`collect` answer without loading torch.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from pathlib import Path
 
 import yaml
 
+from s4mc import REPO_ROOT
 from s4mc.errors import ConfigError, S4MCError, clean_message
 
-REPO = Path(__file__).resolve().parents[1]
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 SUBSTITUTION = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 # Slurm job settings a study file may give (`slurm:`), with their defaults: one process (task)
@@ -137,7 +142,7 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None) -> Study:
         if not NAME_RE.match(str(key)):
             raise _fail(path, f"configs.{key}", "is not a usable column name (letters, digits, _ . -)")
         file_path = Path(str(file))
-        file_path = file_path if file_path.is_absolute() else REPO / file_path
+        file_path = file_path if file_path.is_absolute() else REPO_ROOT / file_path
         if not file_path.is_file():
             raise _fail(path, f"configs.{key}", f"names {file}, which is not a file")
         resolved[str(key)] = file_path
@@ -163,7 +168,7 @@ def load_study(path: str | os.PathLike, output_dir: str | None = None) -> Study:
     out_path = Path(os.path.expanduser(str(out)))
     return Study(path=path, name=name, configs=resolved, rows=rows, extra_rows=extra, seeds=list(seeds),
                  opts=_str_list(path, "opts", data.get("opts")), output_dir=out_path if out_path.is_absolute()
-                 else REPO / out_path, slurm=slurm)
+                 else REPO_ROOT / out_path, slurm=slurm)
 
 
 def substitute(switches: list[str], cfg: dict, where: str) -> list[str]:
@@ -290,8 +295,8 @@ def slurm_executor(study: Study, folder: Path):
               "timeout_min": int(s["time_min"]), "slurm_signal_delay_s": int(s["signal_delay_s"]),
               "name": study.name,
               # the job's own shell: the package importable, the preemption signal the same
-              "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
-                              "export SUBMITIT_PREEMPT_SIGNAL=TERM", f"cd {shlex.quote(str(REPO))}"]}
+              "slurm_setup": [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                              "export SUBMITIT_PREEMPT_SIGNAL=TERM", f"cd {shlex.quote(str(REPO_ROOT))}"]}
     if gpus:
         params["gpus_per_node"] = gpus
     if s["partition"]:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from s4mc.config import REPO_ROOT, load_config
+from s4mc import REPO_ROOT
+from s4mc.config import load_config
 from s4mc.data.toy import PRETRAIN, generate_toy
 from s4mc.engine.loop import train
 from s4mc.models.weights import TOY_ENCODER_FILE, TOY_ENCODER_NAME

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from s4mc.config import REPO_ROOT, load_config, parse_override
+from s4mc import REPO_ROOT
+from s4mc.config import load_config, parse_override
 from s4mc.errors import ConfigError
 
 

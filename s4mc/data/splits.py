@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from s4mc import REPO_ROOT
 from s4mc.config import load_config
 from s4mc.errors import DataError, S4MCError
 
@@ -33,7 +34,7 @@ from .datasets import (DATASET_TYPES, IMAGE_EXTS, _check_root, _cityscapes_sampl
 BASE_URL = "https://raw.githubusercontent.com/Haochen-Wang409/U2PL/main/data/splits/"
 _SUMS_FILE = Path(__file__).with_name("split_sums.json")
 # Where the lists ship, and where the configs in experiments/ read them.
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "splits"
+SHIPPED_DIR = REPO_ROOT / "data" / "splits"
 
 # UniMatch's own lists, at the commit its golden data was measured from (tests/data/unimatch_v1).
 # Their checksums are not known here: the machine this was written on could not reach GitHub, so

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s4mc.config import REPO_ROOT
+from s4mc import REPO_ROOT
 from s4mc.errors import CheckpointError, S4MCError
 
 log = logging.getLogger("s4mc")
