@@ -100,7 +100,7 @@ def oracle_target_fn(mode, original=selection.pseudo_label_target):
 
 @contextlib.contextmanager
 def oracle(mode):
-    """Swap the oracle into `s4mc.method` for the runs inside (every method reaches step 7 through it)."""
+    """Swap the oracle into `s4mc.pseudo_label` for the runs inside (every method reaches step 7 through it)."""
     original = selection.pseudo_label_target
     selection.pseudo_label_target = oracle_target_fn(mode, original)
     try:

@@ -1,4 +1,4 @@
-"""Time s4mc.method.pseudo_label_loss against a straightforward release-style version.
+"""Time s4mc.pseudo_label.pseudo_label_loss against a straightforward release-style version.
 
 The release-style version does what the original code did: the percentile with numpy on
 the host (`.cpu().numpy()` of the masked indicator), the neighbour maps stacked from

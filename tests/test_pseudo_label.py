@@ -1,4 +1,4 @@
-"""Tests for s4mc.method (docs/method.md steps 5-8) and s4mc.data.priors."""
+"""Tests for s4mc.pseudo_label (docs/method.md steps 5-8) and s4mc.data.priors."""
 import functools
 import json
 import math
