@@ -131,7 +131,7 @@ class UniMatch:
         if self.ema:
             begin_semi_phase(state, self.cfg)
         student_fwd, teacher_fwd = state.forwards()
-        size, ignore = mask_x.shape[-2:], self.s4mc.ignore_index
+        size = mask_x.shape[-2:]
         n_x = img_x.shape[0]
         img_u_w, img_u_s1, img_u_s2, img_u_w_mix, img_u_s1_mix, img_u_s2_mix, gt_u, gt_u_mix = views(state, unlabeled)
         n_u = img_u_w.shape[0]
@@ -161,25 +161,16 @@ class UniMatch:
         pred_u = upsample(out["pred"][n_x:], size)  # [weak, strong 1, strong 2]
         pred_u_w = upsample(pred_eval[n_u:], size) if self.ema else pred_u[:n_u].detach()
 
-        # 4. Each unlabeled branch: (student logits, pseudo-labelling logits, ground truth, weight).
+        # 4. Each unlabeled branch: (student logits, pseudo-labelling logits, ground truth, padding, weight);
+        # padded pixels are pseudo-labelled and counted like any other here (no padding mask).
         branches = {f"s{i + 1}": (pred_u[n_u * (i + 1):n_u * (i + 2)], mixing.apply_mix(pred_u_w, box, partner=m[1]),
-                                  mixing.apply_mix(gt_u, box, partner=m[2]), self.weight_strong)
+                                  mixing.apply_mix(gt_u, box, partner=m[2]), None, self.weight_strong)
                     for i, (box, m) in enumerate(zip(boxes, mixes))}
         if self.fp:
-            branches["fp"] = (upsample(out["pred_fp"], size), pred_u_w, gt_u, self.weight_fp)
+            branches["fp"] = (upsample(out["pred_fp"], size), pred_u_w, gt_u, None, self.weight_fp)
 
         # 5. Keep mask (fixed threshold, or S4MC), then the masked cross-entropy of each branch.
-        keep_percent = self.s4mc.keep_percent_at(state.epoch, state.iteration, state.iters_per_epoch)
-        total, metrics = loss_x, {"loss_sup": loss_x.detach(), "keep_percent": torch.tensor(keep_percent)}
-        for name, (pred_student, pred_labeller, ground_truth, weight) in branches.items():
-            target, stats = self.pseudo_label_target(state, pred_labeller, ground_truth, keep_percent)
-            loss = masked_ce_sum(pred_student, target, ignore) / target.numel()
-            total = total + weight * loss
-            metrics[f"loss_{name}"] = loss.detach()
-            if name == "s1":
-                metrics.update(stats)
-                if state.capture_visuals:
-                    state.visuals = visuals(img_u_s[0], pred_labeller, target, ground_truth, size)
+        total, metrics, _ = self.branch_losses(state, branches, loss_x, img_u_s[0], size)
         return StepLoss(total / 2, metrics, update_teacher=self.ema)
 
     def release_step(self, state, img_x, mask_x, unlabeled: dict) -> StepLoss:
@@ -224,21 +215,36 @@ class UniMatch:
             branches["fp"] = (upsample(out["pred_fp"][n_x:], size), pred_u_w, gt_u, pad_u, self.weight_fp)
 
         # 5. Kept pixels off the padding; each loss divided by the branch's non-padding pixels.
+        total, metrics, targets = self.branch_losses(state, branches, loss_x, img_u_s[0], size)
+        if "fp" in targets:  # UniMatch's logged mask ratio: the weak view's kept share of its non-padding pixels
+            metrics["mask_ratio"] = ((targets["fp"] != ignore).sum() / (~pad_u).sum().clamp(min=1)).detach()
+        return StepLoss(total / 2, metrics)
+
+    def branch_losses(self, state, branches: dict, loss_x, visual_image, size) -> tuple:
+        """(loss_x + the weighted unlabeled losses, metrics, each branch's target) over `branches`,
+        {name: (student logits, pseudo-labelling logits, ground truth, padding or None, weight)}.
+
+        Each loss is the cross-entropy summed over kept pixels and divided by all pixels, or, with a
+        padding mask (release-exact), by the non-padded ones, which are then never kept either."""
+        ignore = self.s4mc.ignore_index
         keep_percent = self.s4mc.keep_percent_at(state.epoch, state.iteration, state.iters_per_epoch)
         total, metrics = loss_x, {"loss_sup": loss_x.detach(), "keep_percent": torch.tensor(keep_percent)}
+        targets = {}
         for name, (pred_student, pred_labeller, ground_truth, padding, weight) in branches.items():
             target, stats = self.pseudo_label_target(state, pred_labeller, ground_truth, keep_percent)
-            target = target.masked_fill(padding, ignore)
-            loss = masked_ce_sum(pred_student, target, ignore) / (~padding).sum().clamp(min=1)
+            if padding is None:
+                loss = masked_ce_sum(pred_student, target, ignore) / target.numel()
+            else:
+                target = target.masked_fill(padding, ignore)
+                loss = masked_ce_sum(pred_student, target, ignore) / (~padding).sum().clamp(min=1)
             total = total + weight * loss
             metrics[f"loss_{name}"] = loss.detach()
+            targets[name] = target
             if name == "s1":
                 metrics.update(stats)
                 if state.capture_visuals:
-                    state.visuals = visuals(img_u_s[0], pred_labeller, target, ground_truth, size)
-            if name == "fp":  # UniMatch's logged mask ratio: the weak view's kept share of its non-padding pixels
-                metrics["mask_ratio"] = ((target != ignore).sum() / (~padding).sum().clamp(min=1)).detach()
-        return StepLoss(total / 2, metrics)
+                    state.visuals = visuals(visual_image, pred_labeller, target, ground_truth, size)
+        return total, metrics, targets
 
     def pseudo_label_target(self, state, logits, ground_truth, keep_percent):
         """The hard pseudo-label with dropped pixels set to the ignore index, and its diagnostics."""
