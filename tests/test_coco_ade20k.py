@@ -59,11 +59,7 @@ def fake_coco(root: Path, n_train: int = 6, n_labeled: int = 2, n_val: int = 2) 
             m[0, :] = 255
             _mask(root / f"masks/{cid}.png", m)
             lines[split].append(f"{split}2017/{cid}.jpg masks/{cid}.png")
-    splits = root / "splits/coco"
-    (splits / "925").mkdir(parents=True)
-    (splits / "925/labeled.txt").write_text("\n".join(lines["train"][:n_labeled]) + "\n")
-    (splits / "925/unlabeled.txt").write_text("\n".join(lines["train"][n_labeled:]) + "\n")
-    (splits / "val.txt").write_text("\n".join(lines["val"]) + "\n")
+    _write_splits(root / "splits/coco", "925", lines["train"], n_labeled, lines["val"])
     return root
 
 
@@ -77,12 +73,16 @@ def fake_ade20k(root: Path, n_train: int = 6, n_labeled: int = 2, n_val: int = 2
             _image(root / f"images/{split}/{name}.jpg", 44, 36, i)
             _mask(root / f"annotations/{split}/{name}.png", _blocky(44, 36, [1 + i, 0, 150], i))
             lines[split].append(f"images/{split}/{name}.jpg annotations/{split}/{name}.png")
-    splits = root / "splits/ade20k"
-    (splits / "631").mkdir(parents=True)
-    (splits / "631/labeled.txt").write_text("\n".join(lines["training"][:n_labeled]) + "\n")
-    (splits / "631/unlabeled.txt").write_text("\n".join(lines["training"][n_labeled:]) + "\n")
-    (splits / "val.txt").write_text("\n".join(lines["validation"]) + "\n")
+    _write_splits(root / "splits/ade20k", "631", lines["training"], n_labeled, lines["validation"])
     return root
+
+
+def _write_splits(folder: Path, split: str, train: list[str], n_labeled: int, val: list[str]) -> None:
+    """<folder>/<split>/{labeled,unlabeled}.txt (the first n_labeled lines labeled) and <folder>/val.txt."""
+    (folder / split).mkdir(parents=True)
+    (folder / split / "labeled.txt").write_text("\n".join(train[:n_labeled]) + "\n")
+    (folder / split / "unlabeled.txt").write_text("\n".join(train[n_labeled:]) + "\n")
+    (folder / "val.txt").write_text("\n".join(val) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- loading
